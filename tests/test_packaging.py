@@ -1,0 +1,73 @@
+"""The repository's promises about set-up: environment.yml and pyproject.toml agree, torch is pinned."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject_requirements():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        reqs += extra
+    return reqs
+
+
+def environment_requirements():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = [d for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pip) == 1, "environment.yml needs exactly one pip: section"
+    return pip[0]["pip"]
+
+
+def normalise(req):
+    return re.sub(r"\s+", "", req).lower()
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    ours, theirs = sorted(map(normalise, pyproject_requirements())), sorted(map(normalise, environment_requirements()))
+    assert ours == theirs, f"only in pyproject: {set(ours) - set(theirs)}; only in environment.yml: {set(theirs) - set(ours)}"
+
+
+def test_torch_is_never_unpinned():
+    torch_reqs = [r for r in pyproject_requirements() if re.match(r"torch\b", r)]
+    assert torch_reqs and all(re.search(r"[<>=~]", r) for r in torch_reqs)
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in (ROOT / "Makefile").read_text()
+
+
+def test_readme_opens_with_the_two_commands():
+    head = (ROOT / "README.md").read_text().splitlines()[:25]
+    assert any("make book" in line for line in head) and any("make test" in line for line in head)
+
+
+def test_check_notebooks_flags_unexecuted_stderr_and_wrong_kernel(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    def write(name, cells, kernel="python3"):
+        nb = nbformat.v4.new_notebook(cells=cells)
+        nb.metadata["kernelspec"] = {"name": kernel, "display_name": kernel, "language": "python"}
+        path = tmp_path / name
+        nbformat.write(nb, path)
+        return str(path)
+
+    ok_cell = nbformat.v4.new_code_cell("1", execution_count=1,
+                                        outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "1"}, execution_count=1)])
+    good = write("good.ipynb", [ok_cell])
+    stripped = write("stripped.ipynb", [nbformat.v4.new_code_cell("1")])
+    stderr = write("stderr.ipynb", [nbformat.v4.new_code_cell("1", execution_count=1, outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text="warning")])])
+    kernel = write("kernel.ipynb", [ok_cell], kernel="venv")
+    error = write("error.ipynb", [nbformat.v4.new_code_cell("1/0", execution_count=1, outputs=[
+        nbformat.v4.new_output("error", ename="ZeroDivisionError", evalue="division by zero", traceback=[])])])
+    tool = [sys.executable, str(ROOT / "tools" / "check_notebooks.py")]
+    assert subprocess.run(tool + [good], capture_output=True).returncode == 0
+    for bad, why in ((stripped, "not executed"), (stderr, "stderr"), (kernel, "kernel"), (error, "stored an error")):
+        run = subprocess.run(tool + [bad], capture_output=True, text=True)
+        assert run.returncode == 1 and why in run.stdout, run.stdout

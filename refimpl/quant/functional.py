@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .._checks import all_finite, check_choice, check_float_tensor, normalize_axis
+from .._checks import check_choice, check_float_tensor, normalize_axis
 from .spec import QuantSpec
 
 ROUNDING_MODES = ("half_even", "half_away", "floor", "stochastic")
@@ -183,13 +183,14 @@ def _bounds(zpf: torch.Tensor, spec: QuantSpec, cdt: torch.dtype):
     return (spec.qmin - zpf).to(cdt), (spec.qmax - zpf).to(cdt)
 
 
-# Elements per block: the block's temporaries stay in L2 between the four elementwise passes.
-_BLOCK_ELEMENTS = 1 << 16
+# Elements per block on CPU: a block's temporaries stay in cache between the elementwise passes,
+# so memory traffic is about one read of x and one write of the result.
+_BLOCK_ELEMENTS = 1 << 17
 
 
-def _blocks(x: torch.Tensor, axis):
-    """Slices of dim 0 of about _BLOCK_ELEMENTS elements each (one slice for small tensors)."""
-    if x.ndim == 0 or x.numel() <= _BLOCK_ELEMENTS:
+def _blocks(x: torch.Tensor):
+    """Slices of dim 0 of about _BLOCK_ELEMENTS elements each (one slice: small tensors, GPUs)."""
+    if x.ndim == 0 or x.numel() <= _BLOCK_ELEMENTS or x.device.type != "cpu":
         return [slice(None)]
     rows = max(1, _BLOCK_ELEMENTS // max(1, x.numel() // x.shape[0]))
     return [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
@@ -198,38 +199,42 @@ def _blocks(x: torch.Tensor, axis):
 def _quantize_blocks(x, scale_b, zpf, axis, spec, rounding, generator, codes_only, need_mask):
     """The shared kernel of quantize/fake_quant, run block by block over dim 0.
 
-    Per block: check finiteness, v = x * (1/scale) (float32 reciprocal, as PyTorch's kernels),
-    round, clamp the zero-point-free code to [qmin - zp, qmax - zp] (equal to PyTorch's
+    Per block: v = x * (1/scale) (float32 reciprocal, as PyTorch's kernels), round, clamp the
+    zero-point-free code to [qmin - zp, qmax - zp] (equal to PyTorch's
     clamp(round(v) + zp, qmin, qmax) - zp: integers in float are exact below 2^24), then either
-    add zp back (codes) or multiply by scale (values). Returns (result, mask or None); mask marks
-    codes that were on the grid before clamping (the STE's pass-through set).
+    add zp back (codes) or multiply by scale (values). x must be finite (checked by the caller).
+    Returns (result, mask or None); mask marks codes that were on the grid before clamping (the
+    STE's pass-through set).
     """
     cdt = _compute_dtype(x.dtype)
     inv_scale = torch.reciprocal(scale_b).to(cdt)
     lo, hi = _bounds(zpf, spec, cdt)
-    per_row = axis == 0
-
-    out_dtype = spec.storage_dtype if codes_only else x.dtype
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    zp_c = zpf.to(cdt)
+    out = torch.empty(x.shape, dtype=spec.storage_dtype if codes_only else x.dtype, device=x.device)
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if need_mask else None
-    for rows in _blocks(x, axis):
-        xb = x[rows]
-        if not all_finite(xb):
-            raise ValueError("x contains NaN or Inf; quantization needs finite values")
-        pick = (lambda t: t[rows] if per_row and isinstance(t, torch.Tensor) and t.ndim else t)
-        v = xb.to(cdt) * pick(inv_scale)
+    direct = not codes_only and x.dtype == cdt      # the final product can be written into out
+    per_row = axis == 0 and scale_b.ndim > 0
+
+    def rows_of(t, rows):
+        return t[rows] if per_row and isinstance(t, torch.Tensor) else t
+
+    for rows in _blocks(x):
+        v = torch.mul(x[rows].to(cdt), rows_of(inv_scale, rows))   # half * 0-d float32 stays half: cast
         v = v.round_() if rounding == "half_even" else round_to_int(v, rounding, generator)
-        blo, bhi = pick(lo), pick(hi)
+        blo, bhi = rows_of(lo, rows), rows_of(hi, rows)
         if mask is not None:
             torch.logical_and(v >= blo, v <= bhi, out=mask[rows])
         if isinstance(blo, float):
             v.clamp_(blo, bhi)
         else:
-            torch.clamp(v, blo, bhi, out=v)
+            # maximum/minimum broadcast ~4x faster than clamp with tensor bounds
+            torch.minimum(torch.maximum(v, blo, out=v), bhi, out=v)
         if codes_only:
-            out[rows] = v.add_(pick(zpf).to(cdt))
+            out[rows] = v.add_(rows_of(zp_c, rows))
+        elif direct:
+            torch.mul(v, rows_of(scale_b, rows).to(cdt), out=out[rows])
         else:
-            out[rows] = _scaled_back(v, pick(scale_b), x.dtype)
+            out[rows] = _scaled_back(v, rows_of(scale_b, rows), x.dtype)
     return out, mask
 
 
@@ -253,7 +258,7 @@ def quantize(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: str 
     x: floating tensor, any shape.  scale, zero_point: as returned by ``qparams``.
     Returns an integer tensor of x's shape in ``spec.storage_dtype`` (int8/uint8 up to 8 bits).
     """
-    check_float_tensor(x, "x", finite=False)        # finiteness is checked block by block
+    check_float_tensor(x, "x")
     check_choice(rounding, "rounding", ROUNDING_MODES)
     scale_b, zpf, axis = _broadcast_qparams(x, scale, zero_point, spec)
     with torch.no_grad():
@@ -310,7 +315,7 @@ def fake_quant(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: st
 
     x: floating tensor (float16/bfloat16/float32/float64), any shape. Returns x's shape and dtype.
     """
-    check_float_tensor(x, "x", finite=False)        # finiteness is checked block by block
+    check_float_tensor(x, "x")
     check_choice(rounding, "rounding", ROUNDING_MODES)
     scale_b, zpf, axis = _broadcast_qparams(x, scale, zero_point, spec)
     return _FakeQuantSTE.apply(x, scale_b, zpf, axis, spec, rounding, generator)

@@ -1,0 +1,57 @@
+"""Integer arithmetic as deployed kernels do it: fixed-width accumulators that wrap or saturate."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_choice, check_int
+
+OVERFLOW_MODES = ("wrap", "saturate")
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_int_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def wrap_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Two's-complement wrap-around of integers to a signed ``bits``-wide register (int64 result)."""
+    _check_int_tensor(x, "x")
+    bits = check_int(bits, "bits", 2, 63)
+    m = 1 << bits
+    return torch.remainder(x.to(torch.int64) + (m >> 1), m) - (m >> 1)
+
+
+def saturate_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Clamp integers to a signed ``bits``-wide register's range (int64 result)."""
+    _check_int_tensor(x, "x")
+    bits = check_int(bits, "bits", 2, 63)
+    return torch.clamp(x.to(torch.int64), -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+
+
+def integer_matmul(qa: torch.Tensor, qb: torch.Tensor, acc_bits: int = 32, overflow: str = "wrap"
+                   ) -> torch.Tensor:
+    """qa @ qb accumulated in a signed ``acc_bits``-wide register, product by product along K.
+
+    qa: (M, K), qb: (K, N) integer tensors. Each step adds one product qa[:, k] * qb[k, :] to the
+    accumulator and wraps (two's complement, as ADD/MLA on integer lanes) or saturates (as
+    saturating instructions such as SQADD) — so with ``saturate`` the result depends on the order.
+    Returns (M, N) int64 holding the register's values.
+    """
+    _check_int_tensor(qa, "qa")
+    _check_int_tensor(qb, "qb")
+    check_choice(overflow, "overflow", OVERFLOW_MODES)
+    acc_bits = check_int(acc_bits, "acc_bits", 2, 63)
+    if qa.ndim != 2 or qb.ndim != 2 or qa.shape[1] != qb.shape[0]:
+        raise ValueError(f"qa and qb must be (M, K) and (K, N) matrices, got {tuple(qa.shape)} and {tuple(qb.shape)}")
+    a, b = qa.to(torch.int64), qb.to(torch.int64)
+    if overflow == "wrap":
+        # wrap-around addition is associative modulo 2^acc_bits: one exact product, then one wrap
+        return wrap_to_bits(a @ b, acc_bits)
+    acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64, device=a.device)
+    for k in range(a.shape[1]):
+        acc = saturate_to_bits(acc + a[:, k, None] * b[None, k, :], acc_bits)
+    return acc

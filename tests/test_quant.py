@@ -439,3 +439,28 @@ def test_bad_quantizer_input():
     expect(ValueError, "outside the grid", dequantize, torch.tensor([300], dtype=torch.int32), s, z, spec)
     expect(ValueError, "step_size must be finite and > 0", lsq_fake_quant, x, torch.tensor(0.0), spec)
     expect(ValueError, "step_size must hold 4", lsq_fake_quant, x, torch.ones(3), spec.per_channel(0))
+
+
+def test_lsq_quantizer_module_learns_its_step_size():
+    from refimpl.quant.modules import LSQQuantizer
+
+    torch.manual_seed(0)
+    x = data((4096,), seed=20)
+    for learn_offset in (False, True):
+        spec = QuantSpec(3, signed=not learn_offset, symmetric=False)
+        quantizer = LSQQuantizer(spec, learn_offset=learn_offset)
+        x_in = x + (2.0 if learn_offset else 0.0)
+        first = float(((quantizer(x_in) - x_in) ** 2).mean().detach())
+        opt = torch.optim.Adam(quantizer.parameters(), lr=0.01)
+        for _ in range(200):
+            opt.zero_grad()
+            loss = ((quantizer(x_in) - x_in) ** 2).mean()
+            loss.backward()
+            opt.step()
+        last = float(((quantizer(x_in) - x_in) ** 2).mean().detach())
+        assert last < 0.9 * first, (learn_offset, first, last)
+        # the state dict round-trips
+        clone = LSQQuantizer(spec, learn_offset=learn_offset)
+        clone(x_in)
+        clone.load_state_dict(quantizer.state_dict())
+        assert torch.equal(clone(x_in), quantizer(x_in))

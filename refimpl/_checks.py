@@ -37,6 +37,10 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None)
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+        if low is None:
+            raise ValueError(f"{name} must be <= {high}, got {value}")
         raise ValueError(f"{name} must be in {low}..{high}, got {value}")
     return value
 

@@ -1,0 +1,152 @@
+"""A short, deterministic full-precision training loop and an accuracy metric.
+
+Determinism: the model's initial weights come from ``seed`` (in :func:`train_fp32`), and the
+mini-batch order from a ``torch.Generator`` seeded with ``seed``; there is no dropout. So the
+same seed gives bit-identical weights on the same machine, device and thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from refimpl._checks import check_int
+from refimpl.data import DataSplit, load_dataset
+from refimpl.models import make_model
+
+__all__ = ["TRAIN_DEFAULTS", "train", "evaluate", "train_fp32"]
+
+# Per-dataset defaults of train_fp32, tuned to train in seconds on one CPU thread.
+# Measured with torch.set_num_threads(1) on a 2-core CPU: digits 99.1 % test accuracy after
+# ~5.5 s of training, mnist1d 98.4 % after ~14 s (plus ~7 s to generate the data).
+TRAIN_DEFAULTS = {
+    "digits": dict(model=dict(width=16, num_blocks=2), train=dict(epochs=10, lr=5e-3, batch_size=128)),
+    "mnist1d": dict(model=dict(width=16, num_blocks=2), train=dict(epochs=15, lr=5e-3, batch_size=128)),
+}
+
+
+def _check_positive(value, name: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return float(value)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def train(
+    model: nn.Module,
+    data: DataSplit,
+    epochs: int = 10,
+    lr: float = 5e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    weight_decay: float = 1e-4,
+    progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """Train ``model`` in place on ``data.x_train``/``data.y_train`` with cross-entropy.
+
+    AdamW with a per-step cosine learning-rate decay from ``lr`` to 0. Batches are drawn
+    without replacement from a permutation seeded by ``seed`` on the data's device, then moved
+    to the model's device. Returns ``(model, history)`` with ``history["loss"]`` the mean
+    training loss of each epoch (list of ``epochs`` Python floats). The model is left in
+    train mode.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not all(hasattr(data, a) for a in ("x_train", "y_train")):
+        raise TypeError(f"data must be a DataSplit (with x_train and y_train), got {type(data).__name__}")
+    epochs = check_int(epochs, "epochs", low=1)
+    lr = _check_positive(lr, "lr")
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    seed = check_int(seed, "seed", low=0)
+    weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
+    x, y = data.x_train, data.y_train
+    if len(x) != len(y):
+        raise ValueError(f"data.x_train has {len(x)} rows but data.y_train has {len(y)}")
+
+    device = _device_of(model)
+    n = len(x)
+    steps_per_epoch = math.ceil(n / batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+
+    history = {"loss": []}
+    model.train()
+    bar = tqdm(range(epochs), desc="train", unit="epoch", disable=not progress)
+    for _ in bar:
+        perm = torch.randperm(n, generator=gen, device=x.device)
+        total = torch.zeros((), device=device)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            # Accumulate on device: .item() per step would force a sync on accelerators.
+            total += loss.detach() * len(idx)
+        history["loss"].append(total.item() / n)
+        bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
+    return model, history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in percent (Python float) of ``model`` on inputs x (N, ...) and int labels y (N,).
+
+    Runs in eval mode without autograd, then restores every submodule's train/eval flag.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"y must have shape (N,) matching x's first dimension; got x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if len(y) == 0:
+        raise ValueError("x and y are empty; accuracy is undefined")
+    batch_size = check_int(batch_size, "batch_size", low=1)
+
+    # Per-module flags, not just model.training: a caller may have frozen some BN layers.
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        device = _device_of(model)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for i in range(0, len(x), batch_size):
+            pred = model(x[i : i + batch_size].to(device)).argmax(dim=1)
+            correct += (pred == y[i : i + batch_size].to(device)).sum()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return 100.0 * correct.item() / len(y)
+
+
+def train_fp32(dataset_name: str, seed: int = 0, progress: bool = True, data_kw=None, model_kw=None, **train_kw):
+    """Load ``dataset_name``, build its model from ``seed`` and train it: returns ``(model, data)``.
+
+    ``data_kw`` go to :func:`refimpl.data.load_dataset`, ``model_kw`` to
+    :func:`refimpl.models.make_model` and the remaining keywords to :func:`train`, each
+    overriding :data:`TRAIN_DEFAULTS`. The model is returned in eval mode, on the CPU.
+    """
+    data = load_dataset(dataset_name, seed=seed, **(data_kw or {}))
+    defaults = TRAIN_DEFAULTS[dataset_name]
+    # Seed weight init in a forked RNG so building the model leaves the caller's global RNG alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make_model(dataset_name, **{**defaults["model"], **(model_kw or {})})
+    train(model, data, seed=seed, progress=progress, **{**defaults["train"], **train_kw})
+    return model.eval(), data

@@ -1,0 +1,37 @@
+"""capture_activations: outputs of named modules, batched, mode restored."""
+
+import pytest
+import torch
+from torch import nn
+
+from refimpl.hooks import capture_activations
+from refimpl.models import ResNetCNN
+
+
+def test_captures_relu_outputs_equal_to_a_manual_forward():
+    torch.manual_seed(0)
+    model = ResNetCNN(width=4, num_blocks=2).train()
+    x = torch.randn(10, 1, 8, 8)
+    acts = capture_activations(model, x, batch_size=3)
+    assert model.training                                   # mode restored
+    assert list(acts)[:2] == ["stem.relu", "blocks.0.relu1"] and "head" in acts
+    model.eval()
+    with torch.no_grad():
+        stem = model.stem(x)
+        assert torch.equal(acts["stem.relu"], stem)
+        assert torch.equal(acts["head"], model(x))
+    assert all(v.shape[0] == 10 for v in acts.values())
+
+
+def test_named_capture_and_errors():
+    model = ResNetCNN(width=4, num_blocks=1)
+    x = torch.randn(4, 1, 8, 8)
+    assert list(capture_activations(model, x, names=["stem.bn"])) == ["stem.bn"]
+    with pytest.raises(ValueError, match="names not found"):
+        capture_activations(model, x, names=["nope"])
+    shared = nn.ReLU()
+    twice = nn.Sequential(nn.Linear(3, 3), shared, nn.Linear(3, 3), shared)
+    with pytest.raises(ValueError, match="more than once"):
+        capture_activations(twice, torch.randn(2, 3))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        capture_activations("model", x)

@@ -1,0 +1,177 @@
+"""Tests for refimpl.train: accuracy on digits, determinism, evaluate() semantics, argument errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from refimpl.data import load_digits_split, load_mnist1d_split
+from refimpl.models import make_model
+from refimpl.train import evaluate, train, train_fp32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The models are tiny: one thread is nearly as fast as two and does not collapse when
+    # another process holds a core (oversubscribed OpenMP threads slowed training ~10x).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_split(seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained_digits():
+    """The chapters' default digits model: (model, data)."""
+    return train_fp32("digits", seed=0, progress=False)
+
+
+def _state_equal(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_digits_reaches_target_accuracy(trained_digits):
+    model, data = trained_digits
+    acc = evaluate(model, data.x_test, data.y_test)
+    assert isinstance(acc, float)
+    assert acc >= 95.0, f"digits test accuracy {acc:.2f} % < 95 %"
+    assert not model.training
+
+
+def test_train_fp32_is_deterministic():
+    a, _ = train_fp32("digits", seed=1, progress=False, epochs=2)
+    b, _ = train_fp32("digits", seed=1, progress=False, epochs=2)
+    c, _ = train_fp32("digits", seed=2, progress=False, epochs=2)
+    assert _state_equal(a, b)  # every weight and BN running statistic, bit for bit
+    assert not _state_equal(a, c)
+
+
+def test_train_same_init_same_seed_identical(digits):
+    torch.manual_seed(0)
+    init = make_model("digits", width=8)
+    a, b, c = copy.deepcopy(init), copy.deepcopy(init), copy.deepcopy(init)
+    _, ha = train(a, digits, epochs=2, seed=7, progress=False)
+    _, hb = train(b, digits, epochs=2, seed=7, progress=False)
+    assert ha == hb and _state_equal(a, b)
+    # Same initial weights, another seed: only the batch order differs, and that shows.
+    train(c, digits, epochs=2, seed=8, progress=False)
+    assert not _state_equal(a, c)
+
+
+def test_history_and_in_place(digits):
+    torch.manual_seed(0)
+    model = make_model("digits", width=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    returned, history = train(model, digits, epochs=3, progress=False)
+    assert returned is model and model.training
+    assert len(history["loss"]) == 3
+    assert all(isinstance(v, float) and math.isfinite(v) for v in history["loss"])
+    assert history["loss"][-1] < history["loss"][0]
+    assert any(not torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
+def test_train_fp32_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    train_fp32("digits", seed=0, progress=False, epochs=1, data_kw=dict(calib_size=8), model_kw=dict(width=4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_mnist1d_end_to_end_small():
+    data = load_mnist1d_split(num_samples=300, calib_size=16)
+    torch.manual_seed(0)
+    model = make_model("mnist1d", width=8)
+    _, history = train(model, data, epochs=3, batch_size=32, progress=False)
+    assert history["loss"][-1] < history["loss"][0]
+    assert 0.0 <= evaluate(model, data.x_test, data.y_test) <= 100.0
+
+
+def test_progress_bar_goes_to_stderr_only_when_asked(digits, capsys):
+    model = make_model("digits", width=4)
+    train(model, digits, epochs=1, progress=False)
+    assert capsys.readouterr().err == ""
+    train(model, digits, epochs=1, progress=True)
+    assert "train" in capsys.readouterr().err
+
+
+def test_evaluate_known_accuracy():
+    # A "model" that always predicts class 0: accuracy is the share of zeros in y.
+    model = nn.Linear(3, 4)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    x = torch.randn(10, 3)
+    y = torch.tensor([0, 0, 0, 1, 2, 3, 1, 2, 3, 0])
+    assert evaluate(model, x, y) == 40.0
+    assert evaluate(model, x, y, batch_size=3) == 40.0
+
+
+def test_evaluate_batch_size_invariant(trained_digits):
+    model, data = trained_digits
+    assert evaluate(model, data.x_test, data.y_test, batch_size=7) == evaluate(model, data.x_test, data.y_test)
+
+
+def test_evaluate_restores_modes_and_leaves_no_grad(digits):
+    model = make_model("digits", width=4)
+    model.train()
+    model.blocks[0].bn1.eval()  # a mixed state must survive too
+    modes = {n: m.training for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluate(model, digits.x_test, digits.y_test)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    # Eval mode: BN running statistics were not updated.
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    evaluate(model, digits.x_test, digits.y_test)
+    assert not model.training
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(epochs=0), ValueError, "epochs"),
+        (dict(epochs=1.5), TypeError, "epochs"),
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(lr=-1e-3), ValueError, "lr"),
+        (dict(lr=float("nan")), ValueError, "lr"),
+        (dict(lr="1e-3"), TypeError, "lr"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+        (dict(seed=-1), ValueError, "seed"),
+    ],
+)
+def test_train_bad_arguments(digits, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        train(make_model("digits", width=4), digits, progress=False, **kwargs)
+
+
+def test_train_bad_model_or_data(digits):
+    with pytest.raises(TypeError, match="model"):
+        train("not a model", digits)
+    with pytest.raises(TypeError, match="data"):
+        train(make_model("digits", width=4), (digits.x_train, digits.y_train))
+
+
+def test_evaluate_bad_arguments(digits):
+    model = make_model("digits", width=4)
+    with pytest.raises(ValueError, match="y"):
+        evaluate(model, digits.x_test, digits.y_test[:-1])
+    with pytest.raises(TypeError, match="x"):
+        evaluate(model, digits.x_test.numpy(), digits.y_test)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, digits.x_test[:0], digits.y_test[:0])
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, digits.x_test, digits.y_test, batch_size=0)
+
+
+def test_train_fp32_unknown_dataset():
+    with pytest.raises(ValueError, match="'digits'.*'mnist1d'"):
+        train_fp32("cifar10")

@@ -18,8 +18,8 @@ def test_captures_relu_outputs_equal_to_a_manual_forward():
     model.eval()
     with torch.no_grad():
         stem = model.stem(x)
-        assert torch.equal(acts["stem.relu"], stem)
-        assert torch.equal(acts["head"], model(x))
+        assert torch.allclose(acts["stem.relu"], stem, atol=1e-6)   # batching may change the last bit
+        assert torch.allclose(acts["head"], model(x), atol=1e-6)
     assert all(v.shape[0] == 10 for v in acts.values())
 
 

@@ -15,7 +15,6 @@ export OMP_NUM_THREADS     := 1
 export MKL_NUM_THREADS     := 1
 export ATEN_CPU_CAPABILITY := avx2
 export MKL_CBWR            := AVX2
-export MPLBACKEND          := Agg
 
 .PHONY: setup test test-package test-notebooks check-notebooks book outputs bench clean
 

@@ -464,3 +464,14 @@ def test_lsq_quantizer_module_learns_its_step_size():
         clone(x_in)
         clone.load_state_dict(quantizer.state_dict())
         assert torch.equal(clone(x_in), quantizer(x_in))
+
+
+def test_zero_dim_and_scalar_inputs():
+    spec = QuantSpec(8)
+    x = torch.tensor(0.33, requires_grad=True)
+    y = fake_quant(x, 0.1, 0, spec)
+    assert y.shape == () and float(y.detach()) == pytest.approx(0.3)
+    y.backward()
+    assert float(x.grad) == 1.0
+    assert quantize(torch.tensor(-0.26), 0.1, 0, spec).item() == -3
+    assert float(dequantize(torch.tensor(5, dtype=torch.int8), 0.1, 0, spec)) == pytest.approx(0.5)

@@ -1,11 +1,12 @@
 """Uniform quantization as pure tensor math: quantization parameters, rounding, (fake) quantization.
 
-Notation of the white paper (Nagel et al. 2021, §2.2, eqs. 7-9): a real ``x`` maps to the integer
+Notation of the white paper (Nagel et al. 2021, §2.2, eqs. 4-7): a real ``x`` maps to the integer
 
-    q = clamp(round(x / scale) + zero_point, qmin, qmax)                      (eq. 7)
-    x_hat = scale * (q - zero_point)                                         (eq. 8)
+    q = clamp(round(x / scale) + zero_point, qmin, qmax)                  (eqs. 4-5)
+    x_hat = scale * (q - zero_point)                                      (eq. 6)
 
-and ``fake_quant`` is x -> x_hat in floating point ("simulated quantization", §2.3).
+and ``fake_quant`` is the composition x -> x_hat (eq. 7) in floating point ("simulated
+quantization", §2.3).
 Division by ``scale`` is done as multiplication by the float32 reciprocal, as PyTorch's fused
 kernels do, so the results are bit-exact with ``torch.fake_quantize_per_{tensor,channel}_affine``.
 """
@@ -46,7 +47,7 @@ _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def qparams(xmin, xmax, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero-point that map the range [xmin, xmax] onto ``spec``'s grid (white paper eq. 7).
+    """Scale and zero-point that map the range [xmin, xmax] onto ``spec``'s grid (white paper §2.2).
 
     PyTorch observers' convention (``torch.ao.quantization.observer.UniformQuantizationObserverBase
     ._calculate_qparams``): the range is first widened to contain 0, so that zero is exactly
@@ -98,7 +99,7 @@ def round_to_int(v: torch.Tensor, rounding: str = "half_even", generator: torch.
     half_even:  ties to even (IEEE default; ``torch.round``, C's ``nearbyint``).
     half_away:  ties away from zero (C's ``round``).
     floor:      towards -inf.
-    stochastic: floor(v) + Bernoulli(v - floor(v)), so E[round(v)] = v (Gupta et al. 2015, eq. 5);
+    stochastic: floor(v) + Bernoulli(v - floor(v)), so E[round(v)] = v (Gupta et al. 2015, §3);
                 uniforms drawn from ``generator`` (on v's device) when given.
     """
     check_choice(rounding, "rounding", ROUNDING_MODES)
@@ -191,7 +192,7 @@ _BLOCK_ELEMENTS = 1 << 17
 def _blocks(x: torch.Tensor):
     """Slices of dim 0 of about _BLOCK_ELEMENTS elements each (one slice: small tensors, GPUs)."""
     if x.ndim == 0 or x.numel() <= _BLOCK_ELEMENTS or x.device.type != "cpu":
-        return [slice(None)]
+        return [...]                                   # Ellipsis also indexes 0-d tensors
     rows = max(1, _BLOCK_ELEMENTS // max(1, x.numel() // x.shape[0]))
     return [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
 
@@ -253,7 +254,7 @@ def _scaled_back(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
 
 def quantize(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: str = "half_even",
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integer codes q = clamp(round(x / scale) + zero_point, qmin, qmax) (white paper eq. 7).
+    """Integer codes q = clamp(round(x / scale) + zero_point, qmin, qmax) (white paper eqs. 4-5).
 
     x: floating tensor, any shape.  scale, zero_point: as returned by ``qparams``.
     Returns an integer tensor of x's shape in ``spec.storage_dtype`` (int8/uint8 up to 8 bits).
@@ -269,7 +270,7 @@ def quantize(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: str 
 
 def dequantize(q: torch.Tensor, scale, zero_point, spec: QuantSpec, dtype: torch.dtype = torch.float32
                ) -> torch.Tensor:
-    """Real values x_hat = scale * (q - zero_point) (white paper eq. 8).
+    """Real values x_hat = scale * (q - zero_point) (white paper eq. 6).
 
     q: integer tensor of codes on ``spec``'s grid. Returns a tensor of q's shape in ``dtype``.
     """
@@ -289,7 +290,7 @@ def dequantize(q: torch.Tensor, scale, zero_point, spec: QuantSpec, dtype: torch
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """x -> x_hat with the straight-through estimator, zero outside the grid (white paper eq. 30)."""
+    """x -> x_hat with the straight-through estimator, zero outside the grid (white paper §4.1)."""
 
     @staticmethod
     def forward(ctx, x, scale_b, zpf, axis, spec, rounding, generator):
@@ -310,7 +311,7 @@ def fake_quant(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: st
 
     Bit-exact with ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` for
     ``rounding="half_even"``. Gradient w.r.t. x: 1 where round(x/scale)+zero_point lies on the
-    grid, 0 where it was clipped (white paper eq. 30, as torch). scale and zero_point are
+    grid, 0 where it was clipped (white paper §4.1, as torch). scale and zero_point are
     constants here; ``lsq_fake_quant`` learns the step size.
 
     x: floating tensor (float16/bfloat16/float32/float64), any shape. Returns x's shape and dtype.
@@ -377,7 +378,7 @@ class _LSQ(torch.autograd.Function):
             grad_s = per_param(g * ds, s_shape) * grad_scale
         grad_b = None
         if b_shape is not None and ctx.needs_input_grad[2]:
-            # LSQ+ eq. 6: the offset passes the gradient only where the value was clipped
+            # LSQ+ §3.1: the offset passes the gradient only where the value was clipped
             grad_b = per_param(g * (~inside), b_shape) * grad_scale
         return grad_x, grad_s, grad_b, None, None, None
 
@@ -385,7 +386,7 @@ class _LSQ(torch.autograd.Function):
 def lsq_fake_quant(x: torch.Tensor, step_size: torch.Tensor, spec: QuantSpec, grad_scale: float = 1.0,
                    offset: torch.Tensor | None = None) -> torch.Tensor:
     """Fake quantization with a learnable step size (LSQ, Esser et al. 2020, eqs. 1-3) and, when
-    ``offset`` is given, a learnable offset beta (LSQ+, Bhalgat et al. 2020, eqs. 4-6):
+    ``offset`` is given, a learnable offset beta (LSQ+, Bhalgat et al. 2020, §3.1):
 
         x_hat = clamp(round((x - beta) / s), qmin, qmax) * s + beta
 

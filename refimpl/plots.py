@@ -1,0 +1,122 @@
+"""Plotting and table helpers for the book's chapters (matplotlib; no computation beyond min/max).
+
+* ``plot_grid_over_histogram`` — a histogram of values with one or more quantization grids drawn
+  over it as vertical lines, each grid in its own horizontal band.
+* ``plot_channel_ranges`` — the [min, max] range of a weight tensor per output channel, against the
+  single range a per-tensor quantizer would use.
+* ``markdown_table`` — a Markdown table string for ``IPython.display.Markdown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ._checks import check_float_tensor, check_int, normalize_axis
+
+__all__ = ["plot_grid_over_histogram", "plot_channel_ranges", "markdown_table"]
+
+
+def _to_numpy(t, name: str) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        check_float_tensor(t, name)
+        return t.detach().double().cpu().numpy().reshape(-1)
+    arr = np.asarray(t, dtype=np.float64).reshape(-1)
+    if arr.size == 0 or not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be non-empty and finite")
+    return arr
+
+
+def plot_grid_over_histogram(ax, values, grids: Mapping[str, torch.Tensor], bins: int = 80, log: bool = False,
+                             xlabel: str = "value", colors: Sequence[str] | None = None):
+    """Histogram of ``values`` with the levels of each grid in ``grids`` drawn as vertical lines.
+
+    ax: a matplotlib Axes.  values: tensor or array of any shape (flattened).
+    grids: {legend label: 1-d tensor/array of the grid's levels}; grid i of n is drawn in the
+    horizontal band [i/n, (i+1)/n] of the axes' height, so that grids sharing a level stay
+    distinguishable.  log: log-scaled counts (for spiky data, e.g. post-ReLU zeros).
+    Returns ax, with labelled axes ("count" on y) and a legend above the axes.
+    """
+    check_int(bins, "bins", low=1)
+    if not isinstance(grids, Mapping) or not grids:
+        raise ValueError("grids must be a non-empty mapping {label: levels}")
+    v = _to_numpy(values, "values")
+    ax.hist(v, bins=bins, color="0.6", log=log, label=f"values ({v.size})")
+    colors = list(colors) if colors is not None else [f"C{i}" for i in range(len(grids))]
+    if len(colors) < len(grids):
+        raise ValueError(f"need {len(grids)} colors, got {len(colors)}")
+    n = len(grids)
+    for i, (label, levels) in enumerate(grids.items()):
+        lv = _to_numpy(levels, f"grids[{label!r}]")
+        lo, hi = (n - 1 - i) / n, (n - i) / n      # first grid in the top band
+        ax.vlines(lv, lo, hi, transform=ax.get_xaxis_transform(), colors=colors[i], linewidth=1.0,
+                  label=f"{label} ({lv.size} levels)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count" + (" (log scale)" if log else ""))
+    # above the axes: inside, it would hide the grid lines of the top band
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=n + 1, frameon=False)
+    return ax
+
+
+def plot_channel_ranges(ax, weight: torch.Tensor, axis: int = 0, title: str | None = None,
+                        ylabel: str = "weight value"):
+    """Per-channel [min, max] of ``weight`` along ``axis`` as vertical bars, with the per-tensor range.
+
+    The per-tensor range of a symmetric quantizer, [-max|W|, max|W|], is drawn as dashed lines: a
+    channel whose bar is much shorter than that range uses only a few of the per-tensor grid's
+    codes, which is what per-channel quantization fixes (white paper, Nagel et al. 2021, §2.4).
+    weight: floating tensor with at least one dimension. Returns ax.
+    """
+    check_float_tensor(weight, "weight")
+    if weight.ndim == 0:
+        raise ValueError("weight must have at least one dimension")
+    axis = normalize_axis(axis, weight.ndim, "axis")
+    rows = weight.detach().double().movedim(axis, 0).reshape(weight.shape[axis], -1)
+    lo, hi = rows.amin(1).numpy(), rows.amax(1).numpy()
+    peak = float(rows.abs().max())
+    ch = np.arange(len(lo))
+    ax.vlines(ch, lo, hi, colors="C0", linewidth=3, label="per-channel [min, max]")
+    ax.axhline(peak, color="C3", linestyle="--", linewidth=1, label="per-tensor ±max|W|")
+    ax.axhline(-peak, color="C3", linestyle="--", linewidth=1)
+    ax.set_xlabel("output channel" if axis == 0 else f"index along axis {axis}")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def _cell(value) -> str:
+    """A table cell's text, with "|" escaped (GFM would read it as a column separator)."""
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Sequence[str | None] | None = None) -> str:
+    """A Markdown (GFM) table: ``headers``, then one line per row.
+
+    formats: one format spec per column (e.g. ".2f", "d", or None for ``str``); numeric columns
+    are right-aligned, text columns left-aligned. Non-numeric cells are always shown with ``str``.
+    A "|" in a header or cell is escaped, so it cannot split the column.
+    Returns the table as a string (display it with ``IPython.display.Markdown``).
+    """
+    headers = [_cell(h) for h in headers]
+    ncol = len(headers)
+    if ncol == 0:
+        raise ValueError("headers must not be empty")
+    formats = list(formats) if formats is not None else [None] * ncol
+    if len(formats) != ncol:
+        raise ValueError(f"formats must have one entry per column ({ncol}), got {len(formats)}")
+    rows = [list(row) for row in rows]
+    lines_rows, numeric = [], [True] * ncol
+    for r, row in enumerate(rows):
+        if len(row) != ncol:
+            raise ValueError(f"row {r} has {len(row)} cells, expected {ncol}")
+        cells = []
+        for j, (cell, fmt) in enumerate(zip(row, formats)):
+            is_num = isinstance(cell, (int, float, np.integer, np.floating)) and not isinstance(cell, bool)
+            numeric[j] &= is_num
+            cells.append(_cell(format(cell, fmt) if (is_num and fmt) else cell))
+        lines_rows.append("| " + " | ".join(cells) + " |")
+    align = ["---:" if (numeric[j] and rows) else ":---" for j in range(ncol)]
+    return "\n".join(["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |", *lines_rows])

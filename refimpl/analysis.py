@@ -27,7 +27,8 @@ from torch import nn
 
 from ._checks import check_choice, check_float_tensor, check_int
 from .calib import bn_based, ema_minmax
-from .quant.functional import fake_quant, qparams
+from .metrics import sqnr_db
+from .quant.functional import fake_quant, in_grid, qparams
 from .quant.spec import QuantSpec
 
 __all__ = ["DISTRIBUTIONS", "standard_samples", "quantization_mse", "aciq_mse", "aciq_optimal_clip",
@@ -195,19 +196,14 @@ def range_report(x: torch.Tensor, ranges: Mapping[str, tuple], spec: QuantSpec) 
     if not isinstance(ranges, Mapping) or not ranges:
         raise ValueError("ranges must be a non-empty mapping {name: (xmin, xmax)}")
     xd = x.detach()
-    signal = float(xd.double().pow(2).sum())
     rows = []
     for name, (lo, hi) in ranges.items():
         scale, zero_point = qparams(lo, hi, spec)
-        xq = xd.clone().requires_grad_(True)
-        y = fake_quant(xq, scale, zero_point, spec)
-        # fake_quant's STE gradient is 1 exactly where the code was on the grid before clamping
-        (grad,) = torch.autograd.grad(y.sum(), xq)
-        err2 = float((y.detach().double() - xd.double()).pow(2).sum())
-        sqnr = math.inf if err2 == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / err2))
+        x_hat = fake_quant(xd, scale, zero_point, spec)
+        clipped = ~in_grid(xd, scale, zero_point, spec)
         rows.append({"name": name, "xmin": float(torch.as_tensor(lo).min()), "xmax": float(torch.as_tensor(hi).max()),
-                     "clipped_pct": 100.0 * float((grad == 0).double().mean()), "mse": err2 / xd.numel(),
-                     "sqnr_db": sqnr})
+                     "clipped_pct": 100.0 * float(clipped.double().mean()),
+                     "mse": float((x_hat.double() - xd.double()).pow(2).mean()), "sqnr_db": sqnr_db(xd, x_hat)})
     return rows
 
 

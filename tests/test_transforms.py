@@ -11,9 +11,10 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from refimpl.models import ResNetCNN
 from refimpl.quant import QuantSpec, fake_quant, qparams
-from refimpl.transforms import (accumulate_updates, fake_quantize_weights, grid_levels, pow2_levels, quant_error_split,
-                                quantizable_layers, quantize_to_levels, sqnr_db, ste_gradient_descent,
-                                uniform_sqnr_db, weight_quant_report)
+from refimpl.experiments import accumulate_updates, ste_gradient_descent
+from refimpl.metrics import grid_levels, quant_error_split, sqnr_db, uniform_sqnr_db
+from refimpl.quant import in_grid, pow2_levels, quantize_to_levels
+from refimpl.transforms import fake_quantize_weights, quantizable_layers, weight_quant_report
 
 
 def small_model(seed=0):
@@ -251,3 +252,14 @@ def test_ste_gradient_descent_equals_numpy_recurrence_and_oscillates():
     assert float(latent[50:].min()) < s / 2 < float(latent[50:].max())
     with pytest.raises(ValueError, match="lr"):
         ste_gradient_descent(0.0, 0.1, s, spec, -1.0, 3)
+
+
+def test_in_grid_is_the_ste_pass_through_set():
+    x = torch.linspace(-3, 3, 601)
+    spec = QuantSpec(4)
+    s, z = qparams(-1.0, 1.0, spec)
+    xg = x.clone().requires_grad_()
+    fake_quant(xg, s, z, spec).sum().backward()
+    mask = in_grid(x, s, z, spec)
+    assert mask.dtype == torch.bool and torch.equal(mask, xg.grad.bool())
+    assert 0 < int(mask.sum()) < x.numel()

@@ -7,15 +7,18 @@ from .functional import (
     ROUNDING_MODES,
     dequantize,
     fake_quant,
+    in_grid,
     lsq_fake_quant,
     lsq_grad_scale,
     qparams,
     quantize,
     round_to_int,
 )
+from .nonuniform import pow2_levels, quantize_to_levels
 from .spec import QuantSpec
 
 __all__ = [
-    "QuantSpec", "qparams", "quantize", "dequantize", "fake_quant", "round_to_int",
+    "QuantSpec", "qparams", "quantize", "dequantize", "fake_quant", "round_to_int", "in_grid",
+    "pow2_levels", "quantize_to_levels",
     "lsq_fake_quant", "lsq_grad_scale", "ROUNDING_MODES",
 ]

@@ -289,6 +289,22 @@ def dequantize(q: torch.Tensor, scale, zero_point, spec: QuantSpec, dtype: torch
     return _scaled_back(codes, scale_b, dtype)
 
 
+def in_grid(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: str = "half_even",
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Where round(x / scale) + zero_point lies on the grid [qmin, qmax], i.e. was not clipped.
+
+    The complement is the set of clipped values (white paper §2.2); on this set fake_quant's STE
+    gradient is 1, elsewhere 0. x: floating tensor. Returns a bool tensor of x's shape.
+    """
+    check_float_tensor(x, "x")
+    check_choice(rounding, "rounding", ROUNDING_MODES)
+    scale_b, zpf, axis = _broadcast_qparams(x, scale, zero_point, spec)
+    with torch.no_grad():
+        _, mask = _quantize_blocks(x.detach(), scale_b, zpf, axis, spec, rounding, generator,
+                                   codes_only=True, need_mask=True)
+    return mask
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """x -> x_hat with the straight-through estimator, zero outside the grid (white paper §4.1)."""
 

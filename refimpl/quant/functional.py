@@ -259,13 +259,17 @@ def quantize(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: str 
     x: floating tensor, any shape.  scale, zero_point: as returned by ``qparams``.
     Returns an integer tensor of x's shape in ``spec.storage_dtype`` (int8/uint8 up to 8 bits).
     """
+    return _codes(x, scale, zero_point, spec, rounding, generator, need_mask=False)[0]
+
+
+def _codes(x, scale, zero_point, spec, rounding, generator, need_mask):
+    """Validated integer codes of x and, when asked, the mask of codes not clipped."""
     check_float_tensor(x, "x")
     check_choice(rounding, "rounding", ROUNDING_MODES)
     scale_b, zpf, axis = _broadcast_qparams(x, scale, zero_point, spec)
     with torch.no_grad():
-        q, _ = _quantize_blocks(x.detach(), scale_b, zpf, axis, spec, rounding, generator,
-                                codes_only=True, need_mask=False)
-    return q
+        return _quantize_blocks(x.detach(), scale_b, zpf, axis, spec, rounding, generator,
+                                codes_only=True, need_mask=need_mask)
 
 
 def dequantize(q: torch.Tensor, scale, zero_point, spec: QuantSpec, dtype: torch.dtype = torch.float32
@@ -293,16 +297,10 @@ def in_grid(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: str =
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Where round(x / scale) + zero_point lies on the grid [qmin, qmax], i.e. was not clipped.
 
-    The complement is the set of clipped values (white paper §2.2); on this set fake_quant's STE
-    gradient is 1, elsewhere 0. x: floating tensor. Returns a bool tensor of x's shape.
+    Where it is True, fake_quant's STE gradient is 1; where False the value was clipped (white
+    paper §2.2) and the gradient is 0. x: floating tensor. Returns a bool tensor of x's shape.
     """
-    check_float_tensor(x, "x")
-    check_choice(rounding, "rounding", ROUNDING_MODES)
-    scale_b, zpf, axis = _broadcast_qparams(x, scale, zero_point, spec)
-    with torch.no_grad():
-        _, mask = _quantize_blocks(x.detach(), scale_b, zpf, axis, spec, rounding, generator,
-                                   codes_only=True, need_mask=True)
-    return mask
+    return _codes(x, scale, zero_point, spec, rounding, generator, need_mask=True)[1]
 
 
 class _FakeQuantSTE(torch.autograd.Function):

@@ -22,8 +22,8 @@ setup: $(STAMP)            ## create .venv: torch==2.13.0 (CPU wheel) first, the
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,book]"
+	$(PY) -m pip install -qq torch==2.13.0
+	$(PY) -m pip install -qq -c constraints.txt -e ".[test,book]"
 	$(PY) -c "import matplotlib.pyplot"   # build the font cache now, not inside a chapter
 	touch $(STAMP)
 

@@ -74,7 +74,7 @@ def plot_channel_ranges(ax, weight: torch.Tensor, axis: int = 0, title: str | No
         raise ValueError("weight must have at least one dimension")
     axis = normalize_axis(axis, weight.ndim, "axis")
     rows = weight.detach().double().movedim(axis, 0).reshape(weight.shape[axis], -1)
-    lo, hi = rows.amin(1).numpy(), rows.amax(1).numpy()
+    lo, hi = rows.amin(1).cpu().numpy(), rows.amax(1).cpu().numpy()
     peak = float(rows.abs().max())
     ch = np.arange(len(lo))
     ax.vlines(ch, lo, hi, colors="C0", linewidth=3, label="per-channel [min, max]")

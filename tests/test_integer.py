@@ -38,3 +38,20 @@ def test_helpers_and_errors():
         integer_matmul(torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="acc_bits"):
         integer_matmul(torch.ones(2, 2, dtype=torch.int32), torch.ones(2, 2, dtype=torch.int32), acc_bits=64)
+
+
+def test_integer_conv2d_equals_exact_float_conv_and_wraps_like_the_matmul():
+    from refimpl.quant.integer import integer_conv2d
+
+    g = torch.Generator().manual_seed(1)
+    qx = torch.randint(0, 256, (2, 3, 7, 6), generator=g).to(torch.uint8)
+    qw = torch.randint(-128, 128, (4, 3, 3, 3), generator=g).to(torch.int8)
+    for stride, padding in ((1, 1), (2, 0), (1, 0)):
+        ref = torch.nn.functional.conv2d(qx.double(), qw.double(), stride=stride, padding=padding)
+        out = integer_conv2d(qx, qw, stride=stride, padding=padding)
+        assert out.dtype == torch.int64 and torch.equal(out, ref.to(torch.int64))
+        assert torch.equal(integer_conv2d(qx, qw, stride, padding, acc_bits=16), wrap_to_bits(out, 16))
+    with pytest.raises(ValueError, match="same C"):
+        integer_conv2d(qx, qw[:, :2])
+    with pytest.raises(ValueError, match="does not fit"):
+        integer_conv2d(qx, torch.ones(1, 3, 9, 9, dtype=torch.int8))

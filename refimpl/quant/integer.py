@@ -55,3 +55,31 @@ def integer_matmul(qa: torch.Tensor, qb: torch.Tensor, acc_bits: int = 32, overf
     for k in range(a.shape[1]):
         acc = saturate_to_bits(acc + a[:, k, None] * b[None, k, :], acc_bits)
     return acc
+
+
+def integer_conv2d(qx: torch.Tensor, qw: torch.Tensor, stride: int = 1, padding: int = 0, acc_bits: int = 32,
+                   overflow: str = "wrap") -> torch.Tensor:
+    """2-D convolution of integer codes accumulated in a signed ``acc_bits``-wide register.
+
+    Lowered to ``integer_matmul`` by im2col, as integer kernels do: each output position is a row
+    of K = C * kh * kw input codes, multiplied by the (K, O) weight matrix. Zero padding inserts
+    the code 0, which is real zero only for zero-point-free codes: subtract zero-points first.
+    qx: (N, C, H, W) and qw: (O, C, kh, kw) integer tensors. Returns (N, O, H_out, W_out) int64.
+    """
+    _check_int_tensor(qx, "qx")
+    _check_int_tensor(qw, "qw")
+    if qx.ndim != 4 or qw.ndim != 4 or qx.shape[1] != qw.shape[1]:
+        raise ValueError(f"qx and qw must be (N, C, H, W) and (O, C, kh, kw) with the same C, "
+                         f"got {tuple(qx.shape)} and {tuple(qw.shape)}")
+    stride = check_int(stride, "stride", 1)
+    padding = check_int(padding, "padding", 0)
+    n, _, h, w = qx.shape
+    o, c, kh, kw = qw.shape
+    h_out, w_out = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"the kernel {kh}x{kw} does not fit the padded input {h + 2 * padding}x{w + 2 * padding}")
+    # unfold needs floats; float64 holds every integer code exactly
+    cols = torch.nn.functional.unfold(qx.to(torch.float64), (kh, kw), padding=padding, stride=stride)
+    a = cols.transpose(1, 2).reshape(-1, c * kh * kw).to(torch.int64)
+    acc = integer_matmul(a, qw.reshape(o, -1).T.to(torch.int64), acc_bits=acc_bits, overflow=overflow)
+    return acc.reshape(n, h_out * w_out, o).transpose(1, 2).reshape(n, o, h_out, w_out)

@@ -819,7 +819,8 @@ def _abs_histogram(X: torch.Tensor, num_bins: int):
     return counts.reshape(X.shape[0], num_bins).to(torch.float64), amax
 
 
-def kl(x: torch.Tensor, spec: QuantSpec, num_bins: int = 2048, num_quantized_bins: int | None = None):
+def kl(x: torch.Tensor, spec: QuantSpec, num_bins: int = 2048, num_quantized_bins: int | None = None,
+       ignore_zeros: bool = False):
     """The clipping range minimising the KL divergence between the histogram of x and its
     quantized version: entropy calibration (Migacz 2017, "8-bit Inference with TensorRT").
 
@@ -836,11 +837,19 @@ def kl(x: torch.Tensor, spec: QuantSpec, num_bins: int = 2048, num_quantized_bin
     KL (``entropy_threshold``), then clipped to [min x, max x]. Default num_quantized_bins: the
     grid's levels (256 for 8 bits; onnxruntime's own default is 128, i.e. 7 bits over [-t, t]).
 
+    ignore_zeros: leave exact zeros out of the histogram. Post-ReLU activations are often half
+    zeros; in the first bin they dominate P, and Q, which spreads each merged level evenly, can
+    only match that spike when the bins are barely merged, so the search settles on a threshold
+    near zero. NVIDIA's calibrators suppress that spike too; this option removes it exactly
+    (the same as calibrating x[x != 0]; a row of zeros only still gives a zero range).
+
     x: floating tensor.  num_bins: >= 2 (>= num_quantized_bins).  Rows (``spec.axis``) are
     calibrated one by one. Returns (xmin, xmax) float32, 0-d or 1-d.
     """
     _check_spec(spec)
     check_int(num_bins, "num_bins", 2)
+    if not isinstance(ignore_zeros, bool):
+        raise TypeError(f"ignore_zeros must be a bool, got {ignore_zeros!r}")
     X = _wide(_rows(x, spec))
     if spec.symmetric:
         default = spec.qmax - spec.symmetric_zero_point + 1
@@ -852,11 +861,15 @@ def kl(x: torch.Tensor, spec: QuantSpec, num_bins: int = 2048, num_quantized_bin
     check_int(nqb, "num_quantized_bins", 1 if spec.symmetric else 2, num_bins)
     if spec.symmetric:
         hist, amax = _abs_histogram(X.to(torch.float64), num_bins)
+        if ignore_zeros:                                  # zeros all land in bin 0
+            hist[:, 0] -= (X == 0).sum(dim=1).to(torch.float64)
         idx = torch.argmin(_tensorrt_kl(hist, nqb), dim=1) + nqb               # first minimum
         t = amax * idx.to(torch.float64) / num_bins
         return _result(-t, t, spec)
     lows, highs = [], []
     for row in X.to(torch.float32).cpu().numpy():
+        if ignore_zeros and (row != 0).any():
+            row = row[row != 0]
         lo_v, hi_v = row.min(), row.max()
         t = np.array(max(abs(lo_v), abs(hi_v)), dtype=np.float32)
         hist, edges = np.histogram(row, num_bins, range=(-t, t))

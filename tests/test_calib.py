@@ -552,3 +552,23 @@ def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
                        .replace("+", r"\+")):
         call()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kl_ignore_zeros_on_post_relu_data(symmetric):
+    """Half zeros, as after a ReLU: the plain search collapses towards 0; dropping the zeros is
+    exactly calibrating the non-zero values, and keeps most of the range."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.relu(torch.randn(40_000, generator=g))
+    spec = QuantSpec(8, signed=not symmetric, symmetric=symmetric)
+    lo_z, hi_z = kl(x, spec, ignore_zeros=True)
+    lo_n, hi_n = kl(x[x != 0], spec)
+    assert torch.equal(hi_z, hi_n) and torch.equal(lo_z, lo_n)
+    peak = float(x.max())
+    assert float(hi_z) > 0.5 * peak
+    if symmetric:                                           # the zero spike pulls the plain search down
+        assert float(kl(x, spec)[1]) < 0.75 * float(hi_z)
+    zeros = torch.zeros(100)
+    assert float(kl(zeros, spec, ignore_zeros=True)[1]) == 0.0
+    with pytest.raises(TypeError, match="ignore_zeros"):
+        kl(x, spec, ignore_zeros=1)

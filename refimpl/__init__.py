@@ -2,10 +2,12 @@
 
 Layers, bottom to top (a lower layer never imports an upper one):
 
-* ``refimpl.quant.functional``, ``refimpl.calib`` — pure tensor math, no state;
-* ``refimpl.quant.modules`` — ``nn.Module`` s holding learnable or observed state;
-* ``refimpl.data``, ``refimpl.models``, ``refimpl.train`` — data, models, training;
-* ``refimpl.book`` — notebook set-up and plotting helpers for the chapters.
+* pure tensor math, no state: ``refimpl.quant`` (``functional``, ``integer``, ``nonuniform``),
+  ``refimpl.calib``, ``refimpl.metrics``;
+* modules holding learnable or observed state: ``refimpl.quant.modules``, ``refimpl.models``;
+* model-level transforms and pipelines: ``refimpl.transforms``, ``refimpl.hooks``,
+  ``refimpl.analysis``, ``refimpl.data``, ``refimpl.train``;
+* the chapters' support: ``refimpl.book``, ``refimpl.plots``, ``refimpl.experiments``.
 """
 
 __version__ = "0.1.0"

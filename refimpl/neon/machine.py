@@ -1,0 +1,244 @@
+"""An AArch64 machine state and an interpreter for the :mod:`refimpl.neon.asm` subset.
+
+Semantics follow the ARM Architecture Reference Manual (DDI 0487), section C7 (SIMD&FP
+instructions) and C6 (base instructions); each handler names its instruction. No timing model
+yet: :meth:`Machine.run` counts executed instructions only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .asm import ARRANGEMENTS, ELEM_BYTES, GReg, Imm, Instruction, Shift, VElem, _mov_wide, parse
+
+__all__ = ["Machine", "RunStats", "CORES", "lanes"]
+
+CORES = ("cortex-a53", "cortex-a55", "cortex-a72", "cortex-a76")
+_DT = {(1, True): "<i1", (2, True): "<i2", (4, True): "<i4", (8, True): "<i8",
+       (1, False): "<u1", (2, False): "<u2", (4, False): "<u4", (8, False): "<u8"}
+
+
+def lanes(reg: np.ndarray, arrangement: str, signed: bool = True) -> np.ndarray:
+    """View of a (16,) uint8 register as the lanes of ``arrangement`` ('8b'..'2d', or an element
+    size 'b'/'h'/'s'/'d' for the whole 128 bits), little-endian; a view, so writes go through."""
+    if arrangement in ARRANGEMENTS:
+        e, n = ARRANGEMENTS[arrangement]
+    elif arrangement in ELEM_BYTES:
+        e, n = ELEM_BYTES[arrangement], 16 // ELEM_BYTES[arrangement]
+    else:
+        raise ValueError(f"unknown arrangement {arrangement!r}; expected one of "
+                         f"{sorted(ARRANGEMENTS) + sorted(ELEM_BYTES)}")
+    if reg.dtype != np.uint8 or reg.shape != (16,):
+        raise ValueError(f"reg must be a (16,) uint8 array, got {reg.dtype} {reg.shape}")
+    return reg.view(_DT[e, signed])[:n]
+
+
+@dataclass
+class RunStats:
+    """What :meth:`Machine.run` measured: ``instructions`` executed."""
+    instructions: int
+
+
+class Machine:
+    """AArch64 register file and memory: ``v`` (32, 16) uint8, ``x`` (31,) uint64, ``mem`` uint8.
+
+    ``core`` is validated and kept for the timing model (not yet implemented). Flags ``nzcv`` are
+    a tuple of four bools, persisting across :meth:`run` calls like the registers.
+    """
+
+    def __init__(self, core: str = "cortex-a55", mem_size: int = 65536):
+        if core not in CORES:
+            raise ValueError(f"unknown core {core!r}; expected one of {CORES}")
+        if not isinstance(mem_size, (int, np.integer)) or isinstance(mem_size, bool) or mem_size < 1:
+            raise ValueError(f"mem_size must be a positive int, got {mem_size!r}")
+        self.core = core
+        self.v = np.zeros((32, 16), np.uint8)
+        self.x = np.zeros(31, np.uint64)
+        self.mem = np.zeros(int(mem_size), np.uint8)
+        self.nzcv = (False, False, False, False)
+
+    # ---- register access ------------------------------------------------------------------
+    def _get(self, r: GReg) -> int:
+        if r.zr:
+            return 0
+        v = int(self.x[r.n])
+        return v if r.is64 else v & 0xFFFFFFFF
+
+    def _set(self, r: GReg, value: int) -> None:
+        if not r.zr:  # writes to xzr/wzr are discarded; w-forms zero the top 32 bits
+            self.x[r.n] = value & (0xFFFFFFFFFFFFFFFF if r.is64 else 0xFFFFFFFF)
+
+    def _src(self, op, signed=True):
+        return lanes(self.v[op.n], op.arr, signed).astype(np.int64)
+
+    def _elem(self, op: VElem) -> np.int64:
+        return np.int64(lanes(self.v[op.n], op.size)[op.index])
+
+    def _write(self, n: int, ebytes: int, values) -> None:
+        # Every destination written here is the whole register: lanes beyond the result
+        # (upper 64 bits of a 64-bit form, the rest of a scalar) become zero.
+        reg = np.zeros(16, np.uint8)
+        vals = np.asarray(values, np.int64)
+        reg.view(_DT[ebytes, True])[:vals.size] = vals.astype(_DT[ebytes, True])  # wraps
+        self.v[n] = reg
+
+    # ---- running ------------------------------------------------------------------------------
+    def run(self, asm_text: str, max_instructions: int = 10_000_000) -> RunStats:
+        """Parse ``asm_text`` and execute it from the first instruction until control falls off
+        the end; raise ``RuntimeError`` after ``max_instructions`` (a runaway loop)."""
+        prog = parse(asm_text)
+        pc = count = 0
+        while pc < len(prog):
+            if count >= max_instructions:
+                raise RuntimeError(f"more than {max_instructions} instructions executed; "
+                                   f"last at line {prog[pc].line}: {prog[pc].text!r}")
+            ins = prog[pc]
+            count += 1
+            target = self._exec(ins)
+            pc = pc + 1 if target is None else target
+        return RunStats(instructions=count)
+
+    def _exec(self, ins: Instruction):
+        mn, ops = ins.mnemonic, ins.operands
+        if mn == "b" or mn.startswith("b."):
+            return ops[0].target if mn == "b" or self._cond(mn[2:]) else None
+        if mn in ("cbz", "cbnz"):
+            return ops[1].target if (self._get(ops[0]) == 0) == (mn == "cbz") else None
+        if isinstance(ops[0], GReg) or mn == "cmp":
+            self._scalar(mn, ops)
+        else:
+            _VECTOR[mn](self, *ops)
+        return None
+
+    # ---- scalar: MOV, ADD/SUB (immediate, shifted register), SUBS, CMP (C6) ------------------
+    def _scalar(self, mn, ops):
+        if mn == "cmp":
+            mn, ops = "subs", (GReg(31, ops[0].is64),) + tuple(ops)
+        d = ops[0]
+        bits = 64 if d.is64 else 32
+        if mn == "mov":
+            val = self._get(ops[1]) if isinstance(ops[1], GReg) else _mov_wide(ops[1].value, bits)
+            return self._set(d, val)
+        a = self._get(ops[1])
+        b = self._get(ops[2]) if isinstance(ops[2], GReg) else \
+            ops[2].value << (ops[3].amount if len(ops) > 3 and isinstance(ops[3], Shift) else 0)
+        if mn == "add":
+            return self._set(d, a + b)
+        res = (a - b) & ((1 << bits) - 1)
+        if mn == "subs":  # AddWithCarry(a, NOT b, 1): C is "no borrow", V signed overflow
+            sign = 1 << (bits - 1)
+            self.nzcv = (bool(res & sign), res == 0, a >= b,
+                         bool((a ^ b) & (a ^ res) & sign))
+        self._set(d, res)
+
+    def _cond(self, c: str) -> bool:
+        n, z, cf, v = self.nzcv
+        base = {"eq": z, "cs": cf, "hs": cf, "mi": n, "vs": v, "hi": cf and not z,
+                "ge": n == v, "gt": not z and n == v, "al": True}
+        inverse = {"ne": "eq", "cc": "cs", "lo": "hs", "pl": "mi", "vc": "vs", "ls": "hi",
+                   "lt": "ge", "le": "gt"}
+        return not base[inverse[c]] if c in inverse else base[c]
+
+
+# ---- vector instructions (C7), each (machine, *operands) -------------------------------------
+def _eb(op):  # element bytes of a VReg
+    return ARRANGEMENTS[op.arr][0]
+
+
+def _rhs(m, op):  # second multiplicand: a vector, or one element broadcast (by-element forms)
+    return m._elem(op) if isinstance(op, VElem) else m._src(op)
+
+
+def _half(m, d, n):  # sources of long/wide forms: the lower half, or the upper half for "2"
+    return m._src(n)[-ARRANGEMENTS[d.arr][1]:]
+
+
+def _add(m, d, n, k):  # ADD (vector)
+    m._write(d.n, _eb(d), m._src(n) + m._src(k))
+
+
+def _sub(m, d, n, k):  # SUB (vector)
+    m._write(d.n, _eb(d), m._src(n) - m._src(k))
+
+
+def _mul(m, d, n, k):  # MUL (vector), MUL (by element)
+    m._write(d.n, _eb(d), m._src(n) * _rhs(m, k))
+
+
+def _mla(m, d, n, k):  # MLA (vector), MLA (by element)
+    m._write(d.n, _eb(d), m._src(d) + m._src(n) * _rhs(m, k))
+
+
+def _mls(m, d, n, k):  # MLS (vector), MLS (by element)
+    m._write(d.n, _eb(d), m._src(d) - m._src(n) * _rhs(m, k))
+
+
+def _smax(m, d, n, k):  # SMAX
+    m._write(d.n, _eb(d), np.maximum(m._src(n), m._src(k)))
+
+
+def _smin(m, d, n, k):  # SMIN
+    m._write(d.n, _eb(d), np.minimum(m._src(n), m._src(k)))
+
+
+def _addp(m, d, n, k):  # ADDP (vector): pairs of the concatenation Vm:Vn, Vn's pairs first
+    cat = np.concatenate([m._src(n), m._src(k)])
+    m._write(d.n, _eb(d), cat[0::2] + cat[1::2])
+
+
+def _smull(m, d, n, k):  # SMULL, SMULL2 (vector and by element)
+    b = m._elem(k) if isinstance(k, VElem) else _half(m, d, k)
+    m._write(d.n, _eb(d), _half(m, d, n) * b)
+
+
+def _smlal(m, d, n, k):  # SMLAL, SMLAL2 (vector and by element)
+    b = m._elem(k) if isinstance(k, VElem) else _half(m, d, k)
+    m._write(d.n, _eb(d), m._src(d) + _half(m, d, n) * b)
+
+
+def _saddl(m, d, n, k):  # SADDL, SADDL2
+    m._write(d.n, _eb(d), _half(m, d, n) + _half(m, d, k))
+
+
+def _saddw(m, d, n, k):  # SADDW, SADDW2
+    m._write(d.n, _eb(d), m._src(n) + _half(m, d, k))
+
+
+def _saddlp(m, d, n):  # SADDLP
+    a = m._src(n)
+    m._write(d.n, _eb(d), a[0::2] + a[1::2])
+
+
+def _sadalp(m, d, n):  # SADALP
+    a = m._src(n)
+    m._write(d.n, _eb(d), m._src(d) + a[0::2] + a[1::2])
+
+
+def _addv(m, d, n):  # ADDV: the sum wraps to the element size, written to a scalar register
+    m._write(d.n, ELEM_BYTES[d.size], [m._src(n).sum()])
+
+
+def _movi(m, d, imm: Imm, sh=None):  # MOVI (8-bit shifted immediates; 64-bit byte mask)
+    e, count = ARRANGEMENTS[d.arr]
+    val = imm.value << (sh.amount if sh else 0)
+    if e == 8:  # the byte mask as a signed 64-bit lane value
+        val = val - (1 << 64) if val >= 1 << 63 else val
+    m._write(d.n, e, [val] * count)
+
+
+def _dup(m, d, s):  # DUP (element), DUP (general): the general register's low bits
+    e, count = ARRANGEMENTS[d.arr]
+    if isinstance(s, VElem):
+        val = int(m._elem(s))
+    else:
+        val = m._get(s) & ((1 << 8 * e) - 1)
+        val = val - (1 << 8 * e) if val >> (8 * e - 1) else val
+    m._write(d.n, e, [val] * count)
+
+
+_VECTOR = {"add": _add, "sub": _sub, "mul": _mul, "mla": _mla, "mls": _mls, "smax": _smax,
+           "smin": _smin, "addp": _addp, "smull": _smull, "smull2": _smull, "smlal": _smlal,
+           "smlal2": _smlal, "saddl": _saddl, "saddl2": _saddl, "saddw": _saddw,
+           "saddw2": _saddw, "saddlp": _saddlp, "sadalp": _sadalp, "addv": _addv,
+           "movi": _movi, "dup": _dup}

@@ -118,6 +118,8 @@ def _canon(ins):
     register value, branch targets as addresses (what capstone prints)."""
     mn = {"b.cs": "b.hs", "b.cc": "b.lo"}.get(ins.mnemonic, ins.mnemonic)
     ops = [o for o in ins.operands if o != Shift(0)]
+    if mn == "ins" or mn == "umov" and ops[1].size in "sd":  # capstone prints the MOV alias
+        mn = "mov"
     if mn == "subs" and ops[0].zr:
         mn, ops = "cmp", ops[1:]
     if mn == "mov" and isinstance(ops[1], Imm):
@@ -165,6 +167,8 @@ def _imm(rng, mn, form):
             sh = int(rng.choice({"h": [0, 8], "s": [0, 8, 16, 24]}[arr[-1]]))
             return f"#{val:#x}, lsl #{sh}"
         return f"#{val:#x}"
+    if mn == "ext":
+        return f"#{int(rng.integers(0, 16 if form[0] == 'v.16b' else 8))}"
     return f"#{int(rng.integers(0, 4096))}"
 
 
@@ -221,6 +225,18 @@ def _scalar_instance(rng):
 def test_vector_form_matches_qemu(emu, mn, form):
     rng = np.random.default_rng(VECTOR_FORMS.index((mn, form)))
     # 12 instances of the form in one block (registers may alias), from 6 random states
+    text = "\n".join(_instance(rng, mn, form) for _ in range(12))
+    emu.check(text, [_state(rng) for _ in range(6)])
+
+
+ELEMENT_FORMS = [(mn, f) for mn in ("umov", "ins", "mov") for f in FORMS[mn]
+                 if any(t.startswith("e.") for t in f)]
+
+
+@pytest.mark.parametrize("mn,form", ELEMENT_FORMS, ids=[f"{m}:{','.join(f)}" for m, f in ELEMENT_FORMS])
+def test_element_move_form_matches_qemu(emu, mn, form):
+    """UMOV, INS (general and element) and their MOV aliases."""
+    rng = np.random.default_rng(500 + ELEMENT_FORMS.index((mn, form)))
     text = "\n".join(_instance(rng, mn, form) for _ in range(12))
     emu.check(text, [_state(rng) for _ in range(6)])
 

@@ -1,6 +1,7 @@
 """refimpl.neon: an AArch64 NEON integer simulator (numpy only; no torch).
 
-First slice: :mod:`refimpl.neon.asm` parses a documented subset of GNU ``as`` AArch64 syntax,
+:mod:`refimpl.neon.asm` parses a documented subset of GNU ``as`` AArch64 syntax (vector integer
+ops, element moves, LD1/ST1/LD1R and LDR/STR on a flat memory, scalar loop control),
 :class:`Machine` executes it bit-exactly (checked against QEMU via unicorn in the tests), and
 :func:`max_accumulations` bounds accumulator headroom. No timing model yet.
 """

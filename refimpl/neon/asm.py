@@ -13,7 +13,16 @@ Subset accepted (anything else raises :class:`AsmError` naming the line and its 
   ``.2s/.4s #imm8{, lsl #0|8|16|24}``, ``.2d #bytemask`` (the forms keystone 0.9.2 accepts; no
   ``msl``, no scalar ``movi d0``, no ``lsl #0`` on the byte form); MOV ``#imm`` only where MOVZ or
   MOVN encodes it (one 16-bit chunk, or the complement of one), not bitmask immediates;
-* scalar ADD/SUB/SUBS/CMP register forms without a shift or extend.
+* scalar ADD/SUB/SUBS/CMP register forms without a shift or extend;
+* UMOV ``w``/``.b .h .s``, ``x``/``.d`` (``mov`` alias for ``.s``/``.d``); INS from a general
+  register (``w`` for ``.b .h .s``, ``x`` for ``.d``) or from an element of the same size, and
+  its ``mov`` alias; EXT ``.8b`` (index 0..7) and ``.16b`` (0..15);
+* memory operands (base ``x0..x30``; no ``sp``): LDR/STR ``x``/``w`` with ``[xN]``,
+  ``[xN, #imm]`` (unsigned offset, a multiple of the access size up to 4095 times it),
+  pre-index ``[xN, #imm]!`` and post-index ``[xN], #imm`` (imm -256..255; the transfer register
+  may not be the base); LD1/ST1 with a list of 1-4 consecutive registers of one arrangement
+  (``{v31.4s, v0.4s}`` wraps), ``[xN]``, ``[xN], #size`` (size = bytes transferred, as the ISA
+  requires) or ``[xN], xM``; LD1R with one register, the same addressing (size = one element).
 
 Mnemonics and register names are case-insensitive; label names are case-sensitive. Each
 instruction's operands are checked against :data:`FORMS`, the arrangements the ARM Architecture
@@ -25,8 +34,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["AsmError", "Instruction", "VReg", "VElem", "SReg", "GReg", "Imm", "Shift", "Label",
-           "ARRANGEMENTS", "FORMS", "CONDITIONS", "parse"]
+__all__ = ["AsmError", "Instruction", "VList", "Mem", "VReg", "VElem", "SReg", "GReg", "Imm",
+           "Shift", "Label", "ARRANGEMENTS", "FORMS", "CONDITIONS", "parse"]
 
 
 class AsmError(ValueError):
@@ -94,6 +103,24 @@ class Label:
 
 
 @dataclass(frozen=True)
+class VList:
+    """Register list ``{v0.8h, v1.8h}``: first register, count (1-4, consecutive mod 32)."""
+    n: int
+    count: int
+    arr: str
+
+
+@dataclass(frozen=True)
+class Mem:
+    """Memory operand on base ``x<base>``: mode "off" (``[xN]``, ``[xN, #imm]``), "pre"
+    (``[xN, #imm]!``) or "post" (``[xN], #imm``, or ``[xN], xM`` with ``reg`` = M)."""
+    base: int
+    imm: int = 0
+    mode: str = "off"
+    reg: int | None = None
+
+
+@dataclass(frozen=True)
 class Instruction:
     """One parsed instruction: lower-case mnemonic (``b.ne`` keeps its condition), operand
     objects, 1-based source line and the statement's text."""
@@ -131,6 +158,8 @@ def _long(pairs, elem=False):
     return [("v." + d, "v." + s, "v." + s) for d, s in pairs]
 
 
+_INS = [("e.b", "w"), ("e.h", "w"), ("e.s", "w"), ("e.d", "x"),
+        ("e.b", "e.b"), ("e.h", "e.h"), ("e.s", "e.s"), ("e.d", "e.d")]
 _SCALAR_ARITH = [("rn", "rn", "#"), ("rn", "rn", "#", "lsl"), ("r", "r", "r")]
 FORMS: dict[str, list[tuple]] = {
     "add": _same3(_ALL) + _SCALAR_ARITH,
@@ -157,9 +186,17 @@ FORMS: dict[str, list[tuple]] = {
              ("v.4s", "#", "lsl"), ("v.2d", "#")],
     "dup": [("v." + a, "e." + a[-1]) for a in _ALL]
            + [("v." + a, "w") for a in _BHS] + [("v.2d", "x")],
-    "mov": [("r", "r"), ("r", "#")],
+    "mov": [("r", "r"), ("r", "#"), ("w", "e.s"), ("x", "e.d")] + _INS,  # UMOV/INS aliases
+    "umov": [("w", "e.b"), ("w", "e.h"), ("w", "e.s"), ("x", "e.d")],
+    "ins": _INS,
+    "ext": [("v.8b", "v.8b", "v.8b", "#"), ("v.16b", "v.16b", "v.16b", "#")],
     "subs": [("r", "rn", "#"), ("r", "rn", "#", "lsl"), ("r", "r", "r")],  # Rd 31 is zr here
     "cmp": [("rn", "#"), ("rn", "#", "lsl"), ("r", "r")],
+    "ldr": [("r", "mem")],
+    "str": [("r", "mem")],
+    "ld1": [("l." + a, "mem") for a in ARRANGEMENTS],
+    "st1": [("l." + a, "mem") for a in ARRANGEMENTS],
+    "ld1r": [("l." + a, "mem") for a in ARRANGEMENTS],
     "b": [("label",)],
     "cbz": [("r", "label")],
     "cbnz": [("r", "label")],
@@ -167,6 +204,7 @@ FORMS: dict[str, list[tuple]] = {
 FORMS.update({"b." + c: [("label",)] for c in CONDITIONS})
 BRANCHES = frozenset(m for m in FORMS if m == "b" or m.startswith("b.") or m in ("cbz", "cbnz"))
 
+_MEMORY = frozenset(("ldr", "str", "ld1", "st1", "ld1r"))
 _IDENT = r"[A-Za-z_.$][A-Za-z0-9_.$]*"
 _RE_V = re.compile(r"v(\d+)\.(\d+[bhsd])$")
 _RE_E = re.compile(r"v(\d+)\.([bhsd])\[(0x[0-9a-f]+|\d+)\]$")
@@ -218,7 +256,9 @@ def _token(op) -> str:
         return op.size
     if isinstance(op, GReg):
         return "x" if op.is64 else "w"
-    return {Imm: "#", Shift: "lsl", Label: "label"}[type(op)]
+    if isinstance(op, VList):
+        return "l." + op.arr
+    return {Imm: "#", Shift: "lsl", Label: "label", Mem: "mem"}[type(op)]
 
 
 def _matches(ops, form) -> bool:
@@ -240,6 +280,8 @@ def _matches(ops, form) -> bool:
 
 def _check_imm(mn, ops, err):
     """Immediate ranges of the forms (ARM ARM: ADD/SUB/SUBS (immediate), MOVI, MOV aliases)."""
+    if mn in ("ldr", "str", "ld1", "st1", "ld1r"):
+        return _check_mem(mn, ops, err)
     imm = next((o.value for o in ops if isinstance(o, Imm)), None)
     sh = next((o.amount for o in ops if isinstance(o, Shift)), 0)
     if imm is None:
@@ -257,11 +299,116 @@ def _check_imm(mn, ops, err):
             err("MOVI immediate must be 0..255")
         elif sh not in {1: (0,), 2: (0, 8), 4: (0, 8, 16, 24)}[ARRANGEMENTS[arr][0]]:
             err("MOVI shift not allowed for this arrangement")
+    elif mn == "ext":
+        if not 0 <= imm < ARRANGEMENTS[ops[0].arr][1]:
+            err(f"EXT index must be 0..{ARRANGEMENTS[ops[0].arr][1] - 1}")
     elif mn == "mov":
         bits = 64 if ops[0].is64 else 32
         if _mov_wide(imm, bits) is None:
             err("MOV immediate must be a MOVZ/MOVN value (one 16-bit chunk); "
                 "bitmask immediates are not supported")
+
+
+def _check_mem(mn, ops, err):
+    """Addressing modes and offsets (ARM ARM: LDR/STR (immediate), LD1/ST1 (multiple
+    structures), LD1R)."""
+    what, mem = ops
+    if mn in ("ldr", "str"):
+        size = 8 if what.is64 else 4
+        if mem.mode == "post" and mem.reg is not None:
+            err("LDR/STR register post-index is not an AArch64 addressing mode")
+        if mem.mode == "off" and not (0 <= mem.imm <= 4095 * size and mem.imm % size == 0):
+            err(f"offset must be a multiple of {size} in 0..{4095 * size}")
+        if mem.mode != "off":
+            if not -256 <= mem.imm <= 255:
+                err("pre/post-index offset must be -256..255")
+            if not what.zr and what.n == mem.base:
+                err("transfer register must differ from a written-back base")
+        return
+    e, lanes_ = ARRANGEMENTS[what.arr]
+    if mn == "ld1r":
+        if what.count != 1:
+            err("LD1R takes one register")
+        size = e
+    else:
+        size = e * lanes_ * what.count
+    if mem.mode == "pre" or (mem.mode == "off" and mem.imm != 0):
+        err(f"{mn.upper()} addressing is [xN], [xN], #imm or [xN], xM")
+    if mem.mode == "post" and mem.reg is None and mem.imm != size:
+        err(f"post-index immediate must equal the transfer size {size}")
+
+
+_RE_MEM = re.compile(r"\[\s*(\w+)\s*(?:,\s*(#[^\]]*?))?\s*\](!?)$")
+
+
+def _split(rest, err):
+    """Operands split at commas outside ``{}`` and ``[]``."""
+    toks, depth, cur = [], 0, ""
+    for ch in rest:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth < 0:
+                err("unbalanced brackets")
+        if ch == "," and depth == 0:
+            toks.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        err("unbalanced brackets")
+    toks.append(cur.strip())
+    return toks
+
+
+def _base(tok, err):
+    g = _operand(tok, err)
+    if not isinstance(g, GReg) or not g.is64 or g.zr:
+        err(f"base register must be x0..x30, got {tok!r}")
+    return g.n
+
+
+def _mem_operands(toks, err):
+    """Operands of a memory instruction: register/list, memory operand (+ post-index)."""
+    if len(toks) not in (2, 3):
+        err("expected a register or list, an address and an optional post-index")
+    first = toks[0]
+    if first.startswith("{"):
+        if not first.endswith("}"):
+            err(f"bad register list {first!r}")
+        regs = [_operand(t.strip(), err) for t in first[1:-1].split(",")]
+        if not regs or not all(isinstance(r, VReg) for r in regs) or len(regs) > 4:
+            err(f"register list must hold 1-4 vector registers: {first!r}")
+        if len({r.arr for r in regs}) != 1:
+            err(f"mixed arrangements in register list {first!r}")
+        if any(r.n != (regs[0].n + i) % 32 for i, r in enumerate(regs)):
+            err(f"registers in list {first!r} are not consecutive")
+        what = VList(regs[0].n, len(regs), regs[0].arr)
+    else:
+        what = _operand(first, err)
+    m = _RE_MEM.match(toks[1].lower())
+    if not m:
+        err(f"bad memory operand {toks[1]!r}")
+    base = _base(m[1], err)
+    imm = 0
+    if m[2] is not None:
+        o = _operand(m[2], err)
+        if not isinstance(o, Imm):
+            err(f"bad offset {m[2]!r}")
+        imm = o.value
+    if len(toks) == 3:
+        if m[3] or m[2] is not None:
+            err("post-index needs a plain [xN]")
+        o = _operand(toks[2], err)
+        if isinstance(o, Imm):
+            return [what, Mem(base, o.value, "post")]
+        if isinstance(o, GReg) and o.is64 and not o.zr:
+            return [what, Mem(base, 0, "post", o.n)]
+        err(f"bad post-index {toks[2]!r}")
+    if m[3] and m[2] is None:
+        err("pre-index needs an offset")
+    return [what, Mem(base, imm, "pre" if m[3] else "off")]
 
 
 def _mov_wide(imm, bits):
@@ -302,10 +449,12 @@ def parse(text: str) -> list[Instruction]:
             mn = mn.lower()
             if mn not in FORMS:
                 err(f"unknown or unsupported mnemonic {mn!r}")
-            toks = [t.strip() for t in rest.split(",")] if rest.strip() else []
+            toks = _split(rest, err) if rest.strip() else []
             if any(not t for t in toks):
                 err("empty operand")
-            if mn in BRANCHES and toks:
+            if mn in _MEMORY:
+                ops = _mem_operands(toks, err)
+            elif mn in BRANCHES and toks:
                 if not _RE_LABEL.match(toks[-1]):
                     err(f"bad label {toks[-1]!r}")
                 ops = [_operand(t, err) for t in toks[:-1]] + [Label(toks[-1])]

@@ -44,7 +44,9 @@ class Machine:
     """AArch64 register file and memory: ``v`` (32, 16) uint8, ``x`` (31,) uint64, ``mem`` uint8.
 
     ``core`` is validated and kept for the timing model (not yet implemented). Flags ``nzcv`` are
-    a tuple of four bools, persisting across :meth:`run` calls like the registers.
+    a tuple of four bools, persisting across :meth:`run` calls like the registers. An x register
+    used as an address indexes ``mem`` directly (address 0 is ``mem[0]``); an access reaching
+    outside ``mem`` raises ``IndexError`` naming the line and instruction, before any writeback.
     """
 
     def __init__(self, core: str = "cortex-a55", mem_size: int = 65536):
@@ -95,6 +97,7 @@ class Machine:
                                    f"last at line {prog[pc].line}: {prog[pc].text!r}")
             ins = prog[pc]
             count += 1
+            self._ins = ins
             target = self._exec(ins)
             pc = pc + 1 if target is None else target
         return RunStats(instructions=count)
@@ -105,7 +108,11 @@ class Machine:
             return ops[0].target if mn == "b" or self._cond(mn[2:]) else None
         if mn in ("cbz", "cbnz"):
             return ops[1].target if (self._get(ops[0]) == 0) == (mn == "cbz") else None
-        if isinstance(ops[0], GReg) or mn == "cmp":
+        if mn in _MEMORY:
+            _MEMORY[mn](self, *ops)
+        elif mn in ("umov", "ins") or (mn == "mov" and any(isinstance(o, VElem) for o in ops)):
+            (_umov if isinstance(ops[0], GReg) else _ins)(self, *ops)
+        elif isinstance(ops[0], GReg) or mn == "cmp":
             self._scalar(mn, ops)
         else:
             _VECTOR[mn](self, *ops)
@@ -131,6 +138,23 @@ class Machine:
             self.nzcv = (bool(res & sign), res == 0, a >= b,
                          bool((a ^ b) & (a ^ res) & sign))
         self._set(d, res)
+
+    # ---- memory (C6 LDR/STR (immediate); C7 LD1/ST1 (multiple structures), LD1R) -----------
+    def _addr(self, mem, size: int) -> int:
+        """Access address of ``mem`` (bounds-checked for ``size`` bytes); performs writeback."""
+        base = int(self.x[mem.base])
+        addr = (base + mem.imm) & 0xFFFFFFFFFFFFFFFF if mem.mode == "pre" else \
+            (base + (mem.imm if mem.mode == "off" else 0)) & 0xFFFFFFFFFFFFFFFF
+        if addr + size > self.mem.size:
+            ins = self._ins
+            raise IndexError(f"line {ins.line}: address {addr:#x}..{addr + size - 1:#x} outside "
+                             f"memory (size {self.mem.size:#x}): {ins.text!r}")
+        if mem.mode == "pre":
+            self.x[mem.base] = addr
+        elif mem.mode == "post":
+            step = int(self.x[mem.reg]) if mem.reg is not None else mem.imm
+            self.x[mem.base] = (base + step) & 0xFFFFFFFFFFFFFFFF
+        return addr
 
     def _cond(self, c: str) -> bool:
         n, z, cf, v = self.nzcv
@@ -237,8 +261,68 @@ def _dup(m, d, s):  # DUP (element), DUP (general): the general register's low b
     m._write(d.n, e, [val] * count)
 
 
+def _ldr(m, t, mem):  # LDR (immediate), w-form zero-extends
+    size = 8 if t.is64 else 4
+    a = m._addr(mem, size)
+    m._set(t, int.from_bytes(m.mem[a:a + size].tobytes(), "little"))
+
+
+def _str(m, t, mem):  # STR (immediate)
+    size = 8 if t.is64 else 4
+    val = m._get(t)  # read before writeback (Rt != Rn is enforced by the parser)
+    a = m._addr(mem, size)
+    m.mem[a:a + size] = np.frombuffer(val.to_bytes(size, "little"), np.uint8)
+
+
+def _ld1(m, lst, mem):  # LD1 (multiple structures): consecutive registers, 64-bit forms zero top
+    e, count = ARRANGEMENTS[lst.arr]
+    rb = e * count
+    a = m._addr(mem, rb * lst.count)
+    for i in range(lst.count):
+        reg = np.zeros(16, np.uint8)
+        reg[:rb] = m.mem[a + i * rb:a + (i + 1) * rb]
+        m.v[(lst.n + i) % 32] = reg
+
+
+def _st1(m, lst, mem):  # ST1 (multiple structures)
+    e, count = ARRANGEMENTS[lst.arr]
+    rb = e * count
+    a = m._addr(mem, rb * lst.count)
+    for i in range(lst.count):
+        m.mem[a + i * rb:a + (i + 1) * rb] = m.v[(lst.n + i) % 32][:rb]
+
+
+def _ld1r(m, lst, mem):  # LD1R: one element replicated to every lane
+    e, count = ARRANGEMENTS[lst.arr]
+    a = m._addr(mem, e)
+    reg = np.zeros(16, np.uint8)
+    reg[:e * count] = np.tile(m.mem[a:a + e], count)
+    m.v[lst.n] = reg
+
+
+def _umov(m, d, s):  # UMOV (and its MOV alias): the element zero-extended
+    m._set(d, int(lanes(m.v[s.n], s.size, signed=False)[s.index]))
+
+
+def _ins(m, d, s):  # INS (general), INS (element), MOV aliases: the other lanes are kept
+    lane = lanes(m.v[d.n], d.size, signed=False)
+    e = ELEM_BYTES[d.size]
+    val = m._get(s) if isinstance(s, GReg) else int(lanes(m.v[s.n], s.size, signed=False)[s.index])
+    lane[d.index] = val & ((1 << 8 * e) - 1)
+
+
+def _ext(m, d, n, k, imm):  # EXT: bytes imm.. of the concatenation Vm:Vn (Vn low)
+    size = ARRANGEMENTS[d.arr][1]
+    cat = np.concatenate([m.v[n.n][:size], m.v[k.n][:size]])
+    reg = np.zeros(16, np.uint8)
+    reg[:size] = cat[imm.value:imm.value + size]
+    m.v[d.n] = reg
+
+
+_MEMORY = {"ldr": _ldr, "str": _str, "ld1": _ld1, "st1": _st1, "ld1r": _ld1r}
+
 _VECTOR = {"add": _add, "sub": _sub, "mul": _mul, "mla": _mla, "mls": _mls, "smax": _smax,
            "smin": _smin, "addp": _addp, "smull": _smull, "smull2": _smull, "smlal": _smlal,
            "smlal2": _smlal, "saddl": _saddl, "saddl2": _saddl, "saddw": _saddw,
            "saddw2": _saddw, "saddlp": _saddlp, "sadalp": _sadalp, "addv": _addv,
-           "movi": _movi, "dup": _dup}
+           "movi": _movi, "dup": _dup, "ext": _ext}

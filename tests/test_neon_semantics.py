@@ -54,9 +54,12 @@ class Emulator:
         dis = list(self.cs.disasm(code, BASE))
         assert len(dis) == len(prog), f"capstone decoded {len(dis)} of {len(prog)}: {text!r}"
         for ins, d in zip(prog, dis):
-            assert _canon(ins) == _canon_cs(d), \
-                f"keystone encoded {ins.text!r} as {d.mnemonic} {d.op_str}"
+            self.check_encoding(ins, d)
         return code
+
+    def check_encoding(self, ins, d):
+        """Keystone's encoding of ``ins``, disassembled by capstone, must say the same thing."""
+        assert _canon(ins) == _canon_cs(d), f"keystone encoded {ins.text!r} as {d.mnemonic} {d.op_str}"
 
     def load(self, code: bytes):
         """A fresh emulator holding ``code``. Rewriting code in place on a reused Uc is unsafe:

@@ -57,6 +57,30 @@ def integer_matmul(qa: torch.Tensor, qb: torch.Tensor, acc_bits: int = 32, overf
     return acc
 
 
+def im2col(qx: torch.Tensor, kernel_size: tuple[int, int], stride: int = 1, padding: int = 0
+           ) -> torch.Tensor:
+    """Integer codes of every receptive field as rows: the GEMM operand of a lowered convolution.
+
+    qx: (N, C, H, W) integer tensor. Returns (N * H_out * W_out, C * kh * kw) int64, rows in
+    (n, h_out, w_out) order and columns in (c, i, j) order, matching ``qw.reshape(O, -1)``.
+    Padding inserts the code 0 (real zero only for zero-point-free codes).
+    """
+    _check_int_tensor(qx, "qx")
+    if qx.ndim != 4:
+        raise ValueError(f"qx must be (N, C, H, W), got shape {tuple(qx.shape)}")
+    if not (isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2):
+        raise TypeError(f"kernel_size must be a (kh, kw) pair, got {kernel_size!r}")
+    kh, kw = (check_int(k, "kernel_size", 1) for k in kernel_size)
+    stride = check_int(stride, "stride", 1)
+    padding = check_int(padding, "padding", 0)
+    _, c, h, w = qx.shape
+    if h + 2 * padding < kh or w + 2 * padding < kw:
+        raise ValueError(f"the kernel {kh}x{kw} does not fit the padded input {h + 2 * padding}x{w + 2 * padding}")
+    # unfold needs floats; float64 holds every integer code exactly
+    cols = torch.nn.functional.unfold(qx.to(torch.float64), (kh, kw), padding=padding, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, c * kh * kw).to(torch.int64)
+
+
 def integer_conv2d(qx: torch.Tensor, qw: torch.Tensor, stride: int = 1, padding: int = 0, acc_bits: int = 32,
                    overflow: str = "wrap") -> torch.Tensor:
     """2-D convolution of integer codes accumulated in a signed ``acc_bits``-wide register.
@@ -78,8 +102,6 @@ def integer_conv2d(qx: torch.Tensor, qw: torch.Tensor, stride: int = 1, padding:
     h_out, w_out = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
     if h_out < 1 or w_out < 1:
         raise ValueError(f"the kernel {kh}x{kw} does not fit the padded input {h + 2 * padding}x{w + 2 * padding}")
-    # unfold needs floats; float64 holds every integer code exactly
-    cols = torch.nn.functional.unfold(qx.to(torch.float64), (kh, kw), padding=padding, stride=stride)
-    a = cols.transpose(1, 2).reshape(-1, c * kh * kw).to(torch.int64)
+    a = im2col(qx, (kh, kw), stride, padding)
     acc = integer_matmul(a, qw.reshape(o, -1).T.to(torch.int64), acc_bits=acc_bits, overflow=overflow)
     return acc.reshape(n, h_out * w_out, o).transpose(1, 2).reshape(n, o, h_out, w_out)

@@ -6,10 +6,12 @@ ops, element moves, LD1/ST1/LD1R and LDR/STR on a flat memory, scalar loop contr
 :func:`max_accumulations` bounds accumulator headroom. No timing model yet.
 """
 from .asm import AsmError, Instruction, parse
-from .machine import CORES, Machine, RunStats, lanes
+from .machine import (CORE_FEATURES, CORES, FEATURES, INSTRUCTION_FEATURES, FeatureError, Machine,
+                      RunStats, lanes)
 
 __all__ = ["AsmError", "Instruction", "parse", "Machine", "RunStats", "CORES", "lanes",
-           "max_accumulations"]
+           "max_accumulations", "CORE_FEATURES", "FEATURES", "INSTRUCTION_FEATURES",
+           "FeatureError"]
 
 
 def max_accumulations(a_bits: int, w_bits: int, acc_bits: int, *, a_signed: bool = True) -> int:

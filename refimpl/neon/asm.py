@@ -6,7 +6,8 @@ Subset accepted (anything else raises :class:`AsmError` naming the line and its 
 * labels ``name:`` (identifier ``[A-Za-z_.$][A-Za-z0-9_.$]*``), alone or before an instruction;
   numeric local labels (``1:`` / ``1b``) are not supported;
 * vector registers ``v0.8b v0.16b v0.4h v0.8h v0.2s v0.4s v0.1d v0.2d``, elements ``v2.b[15]`` (index decimal or hex),
-  ``v2.h[7]``, ``v2.s[3]``, ``v2.d[1]``, SIMD scalars ``b0 h0 s0 d0``;
+  ``v2.h[7]``, ``v2.s[3]``, ``v2.d[1]``, SDOT's group of four bytes ``v2.4b[3]``, SIMD scalars
+  ``b0 h0 s0 d0``;
 * general registers ``x0..x30``, ``w0..w30``, ``xzr``, ``wzr`` (no ``sp``);
 * immediates ``#5``, ``#-1``, ``#0x1f`` and a trailing ``lsl #n`` shift where the form takes one:
   ADD/SUB/SUBS/CMP ``#0..4095{, lsl #12}``; MOVI ``.8b/.16b #imm8``, ``.4h/.8h #imm8{, lsl #0|8}``,
@@ -17,6 +18,16 @@ Subset accepted (anything else raises :class:`AsmError` naming the line and its 
 * UMOV ``w``/``.b .h .s``, ``x``/``.d`` (``mov`` alias for ``.s``/``.d``); INS from a general
   register (``w`` for ``.b .h .s``, ``x`` for ``.d``) or from an element of the same size, and
   its ``mov`` alias; EXT ``.8b`` (index 0..7) and ``.16b`` (0..15);
+* SDOT (dot-product extension, ARMv8.2; :class:`~refimpl.neon.Machine` rejects it on cores
+  without it) ``.2s, .8b, .8b``, ``.4s, .16b, .16b`` and by element ``.2s, .8b, vM.4b[i]``,
+  ``.4s, .16b, vM.4b[i]`` (i 0..3, M 0..31);
+* SQDMULH/SQRDMULH vector ``.4h .8h .2s .4s``, by element (``.h`` from v0-v15, ``.s`` from
+  v0-v31), and the scalar forms ``h``/``s`` (register and by element);
+* SSHR/SRSHR ``#1..esize`` and SRSHL (register) on ``.8b .16b .4h .8h .2s .4s .2d`` and scalar
+  ``d``; SQXTN/SQXTUN (and their ``2`` forms) ``.8b/.16b <- .8h``, ``.4h/.8h <- .4s``,
+  ``.2s/.4s <- .2d`` and scalar ``b <- h``, ``h <- s``, ``s <- d``; XTN/XTN2 vector only (the
+  ISA has no scalar XTN). Not in: the unsigned/accumulating/narrowing shift variants (USHR,
+  SSRA, SHRN, ...), SQSHL, UDOT, SQRDMLAH, and the saturation flag FPSR.QC (not modelled);
 * memory operands (base ``x0..x30``; no ``sp``): LDR/STR ``x``/``w`` with ``[xN]``,
   ``[xN, #imm]`` (unsigned offset, a multiple of the access size up to 4095 times it),
   pre-index ``[xN, #imm]!`` and post-index ``[xN], #imm`` (imm -256..255; the transfer register
@@ -59,7 +70,8 @@ class VReg:
 
 @dataclass(frozen=True)
 class VElem:
-    """Vector element, e.g. ``v2.h[3]``: size letter and lane index."""
+    """Vector element, e.g. ``v2.h[3]``: size letter (or ``4b``, SDOT's group of four bytes,
+    ``v2.4b[3]``) and lane index."""
     n: int
     size: str
     index: int
@@ -132,10 +144,10 @@ class Instruction:
 
 # ---- operand forms ----------------------------------------------------------------------------
 # Tokens: "v.<arr>" vector, "e.<s>" element (any register), "e.h16" element with register < 16
-# (by-element multiplies encode Vm in 4 bits for .h), "<s>" scalar SIMD, "r" general register of
-# the instruction's width (x or w, zr allowed), "rn" the same but not zr (encoding 31 means sp in
-# immediate ADD/SUB, which this subset does not model), "x"/"w" a fixed width, "#" immediate,
-# "lsl" shift, "label".
+# (by-element multiplies encode Vm in 4 bits for .h), "e.4b" SDOT's 4-byte group, "<s>" scalar
+# SIMD, "r" general register of the instruction's width (x or w, zr allowed), "rn" the same but
+# not zr (encoding 31 means sp in immediate ADD/SUB, which this subset does not model), "x"/"w" a
+# fixed width, "#" immediate, "lsl" shift, "label".
 _BHS = ("8b", "16b", "4h", "8h", "2s", "4s")
 _ALL = _BHS + ("2d",)
 _WIDEN = (("8h", "8b"), ("4s", "4h"), ("2d", "2s"))          # long/wide forms, lower halves
@@ -157,6 +169,16 @@ def _long(pairs, elem=False):
                 for d, s in pairs if s[-1] in "hs"]
     return [("v." + d, "v." + s, "v." + s) for d, s in pairs]
 
+
+def _sat_mulh():  # SQDMULH/SQRDMULH: vector, by element, scalar, scalar by element
+    return _same3(("4h", "8h", "2s", "4s")) + _by_elem(("4h", "8h", "2s", "4s")) \
+        + [("h", "h", "h"), ("s", "s", "s"), ("h", "h", "e.h16"), ("s", "s", "e.s")]
+
+
+_NARROW = [("v." + s, "v." + d) for d, s in _WIDEN]         # .8b <- .8h, ...
+_NARROW2 = [("v." + s, "v." + d) for d, s in _WIDEN2]       # .16b <- .8h, ...
+_NARROW_SCALAR = [("b", "h"), ("h", "s"), ("s", "d")]
+_SHIFT_IMM = [("v." + a, "v." + a, "#") for a in _ALL] + [("d", "d", "#")]
 
 _INS = [("e.b", "w"), ("e.h", "w"), ("e.s", "w"), ("e.d", "x"),
         ("e.b", "e.b"), ("e.h", "e.h"), ("e.s", "e.s"), ("e.d", "e.d")]
@@ -197,6 +219,19 @@ FORMS: dict[str, list[tuple]] = {
     "ld1": [("l." + a, "mem") for a in ARRANGEMENTS],
     "st1": [("l." + a, "mem") for a in ARRANGEMENTS],
     "ld1r": [("l." + a, "mem") for a in ARRANGEMENTS],
+    "sdot": [("v.2s", "v.8b", "v.8b"), ("v.4s", "v.16b", "v.16b"),
+             ("v.2s", "v.8b", "e.4b"), ("v.4s", "v.16b", "e.4b")],
+    "sqdmulh": _sat_mulh(),
+    "sqrdmulh": _sat_mulh(),
+    "sshr": _SHIFT_IMM,
+    "srshr": _SHIFT_IMM,
+    "srshl": _same3(_ALL) + [("d", "d", "d")],
+    "sqxtn": _NARROW + _NARROW_SCALAR,
+    "sqxtn2": _NARROW2,
+    "sqxtun": _NARROW + _NARROW_SCALAR,
+    "sqxtun2": _NARROW2,
+    "xtn": _NARROW,
+    "xtn2": _NARROW2,
     "b": [("label",)],
     "cbz": [("r", "label")],
     "cbnz": [("r", "label")],
@@ -207,7 +242,7 @@ BRANCHES = frozenset(m for m in FORMS if m == "b" or m.startswith("b.") or m in 
 _MEMORY = frozenset(("ldr", "str", "ld1", "st1", "ld1r"))
 _IDENT = r"[A-Za-z_.$][A-Za-z0-9_.$]*"
 _RE_V = re.compile(r"v(\d+)\.(\d+[bhsd])$")
-_RE_E = re.compile(r"v(\d+)\.([bhsd])\[(0x[0-9a-f]+|\d+)\]$")
+_RE_E = re.compile(r"v(\d+)\.(4b|[bhsd])\[(0x[0-9a-f]+|\d+)\]$")
 _RE_S = re.compile(r"([bhsd])(\d+)$")
 _RE_G = re.compile(r"([xw])(\d+)$")
 _RE_IMM = re.compile(r"#(-?(?:0x[0-9a-f]+|\d+))$")
@@ -223,7 +258,7 @@ def _operand(tok: str, err):
         return VReg(_regnum(m[1], 31, tok, err), m[2])
     if m := _RE_E.match(t):
         idx, size = int(m[3], 16 if m[3].startswith("0x") else 10), m[2]
-        if idx >= 16 // ELEM_BYTES[size]:
+        if idx >= 16 // (4 if size == "4b" else ELEM_BYTES[size]):
             err(f"element index out of range in {tok!r}")
         return VElem(_regnum(m[1], 31, tok, err), size, idx)
     if m := _RE_S.match(t):
@@ -279,7 +314,8 @@ def _matches(ops, form) -> bool:
 
 
 def _check_imm(mn, ops, err):
-    """Immediate ranges of the forms (ARM ARM: ADD/SUB/SUBS (immediate), MOVI, MOV aliases)."""
+    """Immediate ranges of the forms (ARM ARM: ADD/SUB/SUBS (immediate), MOVI, MOV aliases,
+    SSHR/SRSHR)."""
     if mn in ("ldr", "str", "ld1", "st1", "ld1r"):
         return _check_mem(mn, ops, err)
     imm = next((o.value for o in ops if isinstance(o, Imm)), None)
@@ -299,6 +335,11 @@ def _check_imm(mn, ops, err):
             err("MOVI immediate must be 0..255")
         elif sh not in {1: (0,), 2: (0, 8), 4: (0, 8, 16, 24)}[ARRANGEMENTS[arr][0]]:
             err("MOVI shift not allowed for this arrangement")
+    elif mn in ("sshr", "srshr"):
+        esize = 8 * (ARRANGEMENTS[ops[0].arr][0] if isinstance(ops[0], VReg)
+                     else ELEM_BYTES[ops[0].size])
+        if not 1 <= imm <= esize:
+            err(f"shift must be 1..{esize} for this element size")
     elif mn == "ext":
         if not 0 <= imm < ARRANGEMENTS[ops[0].arr][1]:
             err(f"EXT index must be 0..{ARRANGEMENTS[ops[0].arr][1] - 1}")

@@ -3,6 +3,11 @@
 Semantics follow the ARM Architecture Reference Manual (DDI 0487), section C7 (SIMD&FP
 instructions) and C6 (base instructions); each handler names its instruction. No timing model
 yet: :meth:`Machine.run` counts executed instructions only.
+
+Saturating instructions (SQDMULH, SQRDMULH, SQXTN, SQXTUN) saturate their results as the ISA
+does but do not model the cumulative saturation flag FPSR.QC. Instructions from extensions are
+checked against the core before anything executes (:data:`CORE_FEATURES`,
+:data:`INSTRUCTION_FEATURES`); a core lacking one raises :class:`FeatureError`.
 """
 from __future__ import annotations
 
@@ -10,11 +15,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .asm import ARRANGEMENTS, ELEM_BYTES, GReg, Imm, Instruction, Shift, VElem, _mov_wide, parse
+from .asm import (ARRANGEMENTS, ELEM_BYTES, AsmError, GReg, Imm, Instruction, Shift, VElem, VReg,
+                  _mov_wide, parse)
 
-__all__ = ["Machine", "RunStats", "CORES", "lanes"]
+__all__ = ["Machine", "RunStats", "CORES", "CORE_FEATURES", "FEATURES", "INSTRUCTION_FEATURES",
+           "FeatureError", "lanes"]
 
 CORES = ("cortex-a53", "cortex-a55", "cortex-a72", "cortex-a76")
+# Architecture extensions beyond ARMv8.0 AdvSIMD that the subset uses, per core: A53 and A72
+# are ARMv8.0; A55 and A76 are ARMv8.2 and implement the optional dot-product extension.
+FEATURES = {"dotprod": "the dot-product extension (FEAT_DotProd; optional from ARMv8.2)"}
+CORE_FEATURES = {"cortex-a53": frozenset(), "cortex-a72": frozenset(),
+                 "cortex-a55": frozenset({"dotprod"}), "cortex-a76": frozenset({"dotprod"})}
+INSTRUCTION_FEATURES = {"sdot": "dotprod"}
+assert set(CORE_FEATURES) == set(CORES)
+
+
+class FeatureError(AsmError):
+    """The program uses an instruction the machine's core does not implement; the message names
+    the core, the instruction, its line and the cores that have it."""
+
 _DT = {(1, True): "<i1", (2, True): "<i2", (4, True): "<i4", (8, True): "<i8",
        (1, False): "<u1", (2, False): "<u2", (4, False): "<u4", (8, False): "<u8"}
 
@@ -90,6 +110,7 @@ class Machine:
         """Parse ``asm_text`` and execute it from the first instruction until control falls off
         the end; raise ``RuntimeError`` after ``max_instructions`` (a runaway loop)."""
         prog = parse(asm_text)
+        self._check_features(prog)
         pc = count = 0
         while pc < len(prog):
             if count >= max_instructions:
@@ -101,6 +122,17 @@ class Machine:
             target = self._exec(ins)
             pc = pc + 1 if target is None else target
         return RunStats(instructions=count)
+
+    def _check_features(self, prog) -> None:
+        """Raise :class:`FeatureError` for the first instruction ``self.core`` lacks."""
+        have = CORE_FEATURES[self.core]
+        for ins in prog:
+            feat = INSTRUCTION_FEATURES.get(ins.mnemonic)
+            if feat is not None and feat not in have:
+                cores = ", ".join(c for c in CORES if feat in CORE_FEATURES[c])
+                raise FeatureError(f"line {ins.line}: {ins.mnemonic.upper()} needs {FEATURES[feat]}, "
+                                   f"which {self.core} does not implement (cores with it: {cores}): "
+                                   f"{ins.text!r}")
 
     def _exec(self, ins: Instruction):
         mn, ops = ins.mnemonic, ins.operands
@@ -319,10 +351,118 @@ def _ext(m, d, n, k, imm):  # EXT: bytes imm.. of the concatenation Vm:Vn (Vn lo
     m.v[d.n] = reg
 
 
+# ---- SDOT, saturating multiplies, shifts and narrows ------------------------------------------
+# These work on Python ints: the ISA pseudocode computes in unbounded integers (a rounding
+# constant added to a 64-bit lane, 2*MIN*MIN of 32-bit lanes), which int64 would overflow.
+def _ebits(op):  # element bits of a vector or SIMD scalar operand
+    return 8 * (ARRANGEMENTS[op.arr][0] if isinstance(op, VReg) else ELEM_BYTES[op.size])
+
+
+def _ints(m, op):  # lanes of a vector, or the single element of a SIMD scalar register
+    vals = m._src(op) if isinstance(op, VReg) else lanes(m.v[op.n], op.size)[:1]
+    return [int(a) for a in vals]
+
+
+def _sat(v, bits):  # SignedSatQ
+    return min(max(v, -(1 << (bits - 1))), (1 << (bits - 1)) - 1)
+
+
+def _wrap(v, bits):  # the low bits as a signed value
+    half = 1 << (bits - 1)
+    return ((v + half) & ((1 << bits) - 1)) - half
+
+
+def _sdot(m, d, n, k):
+    """SDOT (vector), SDOT (by element): each 32-bit lane += the dot product of its four signed
+    bytes of Vn with those of Vm (by element: the four bytes ``Vm.4b[i]``, for every lane);
+    wraps modulo 2^32."""
+    a = lanes(m.v[n.n], n.arr).astype(np.int64).reshape(-1, 4)
+    if isinstance(k, VElem):
+        b = lanes(m.v[k.n], "b")[4 * k.index:4 * k.index + 4].astype(np.int64)
+    else:
+        b = m._src(k).reshape(-1, 4)
+    m._write(d.n, 4, m._src(d) + (a * b).sum(axis=1))
+
+
+def _mulh(m, d, n, k, round_const):
+    bits = _ebits(d)
+    a = _ints(m, n)
+    b = [int(m._elem(k))] * len(a) if isinstance(k, VElem) else _ints(m, k)
+    rc = (1 << (bits - 1)) if round_const else 0
+    m._write(d.n, bits // 8, [_sat((2 * x * y + rc) >> bits, bits) for x, y in zip(a, b)])
+
+
+def _sqdmulh(m, d, n, k):
+    """SQDMULH (vector, by element; scalar forms too): high half of 2*a*b, saturated (only
+    MIN*MIN overflows, giving MAX)."""
+    _mulh(m, d, n, k, round_const=False)
+
+
+def _sqrdmulh(m, d, n, k):
+    """SQRDMULH (vector, by element; scalar forms too): high half of 2*a*b + 2^(esize-1),
+    saturated (MIN*MIN gives MAX)."""
+    _mulh(m, d, n, k, round_const=True)
+
+
+def _sshr(m, d, n, imm):
+    """SSHR (vector, scalar): arithmetic shift right by 1..esize (esize gives the sign)."""
+    m._write(d.n, _ebits(d) // 8, [x >> imm.value for x in _ints(m, n)])
+
+
+def _srshr(m, d, n, imm):
+    """SRSHR (vector, scalar): rounding arithmetic shift right by 1..esize; the rounding
+    constant 2^(sh-1) is added without overflow (so a shift by esize always gives 0)."""
+    sh = imm.value
+    m._write(d.n, _ebits(d) // 8, [(x + (1 << (sh - 1))) >> sh for x in _ints(m, n)])
+
+
+def _srshl(m, d, n, k):
+    """SRSHL (vector, scalar): shift each lane by the signed low byte of the same lane of Vm;
+    positive shifts left (bits above the lane are lost; esize or more gives 0), negative is a
+    rounding arithmetic right shift computed without overflow (-esize or less gives 0)."""
+    bits = _ebits(d)
+    out = []
+    for x, y in zip(_ints(m, n), _ints(m, k)):
+        sh = ((y & 0xFF) ^ 0x80) - 0x80
+        out.append(_wrap(x << sh, bits) if sh >= 0 else (x + (1 << (-sh - 1))) >> -sh)
+    m._write(d.n, bits // 8, out)
+
+
+def _narrow(m, d, n, fn):
+    """Write the narrowed lanes ``fn(x, bits)``: a 128-bit destination is a "2" form, which
+    writes the upper half and keeps the lower; otherwise the rest of the register is zeroed."""
+    bits = _ebits(d)
+    vals = [_wrap(fn(x, bits), bits) for x in _ints(m, n)]
+    if isinstance(d, VReg) and ARRANGEMENTS[d.arr][0] * ARRANGEMENTS[d.arr][1] == 16:
+        reg = m.v[d.n].copy()
+        reg[8:].view(_DT[bits // 8, True])[:] = vals
+        m.v[d.n] = reg
+    else:
+        m._write(d.n, bits // 8, vals)
+
+
+def _sqxtn(m, d, n):
+    """SQXTN, SQXTN2 (vector, scalar): signed saturating extract narrow."""
+    _narrow(m, d, n, _sat)
+
+
+def _sqxtun(m, d, n):
+    """SQXTUN, SQXTUN2 (vector, scalar): signed source, unsigned saturation to 0..2^bits-1."""
+    _narrow(m, d, n, lambda x, bits: min(max(x, 0), (1 << bits) - 1))
+
+
+def _xtn(m, d, n):
+    """XTN, XTN2: extract narrow, keeping the low half of each lane."""
+    _narrow(m, d, n, lambda x, bits: x)
+
+
 _MEMORY = {"ldr": _ldr, "str": _str, "ld1": _ld1, "st1": _st1, "ld1r": _ld1r}
 
 _VECTOR = {"add": _add, "sub": _sub, "mul": _mul, "mla": _mla, "mls": _mls, "smax": _smax,
            "smin": _smin, "addp": _addp, "smull": _smull, "smull2": _smull, "smlal": _smlal,
            "smlal2": _smlal, "saddl": _saddl, "saddl2": _saddl, "saddw": _saddw,
            "saddw2": _saddw, "saddlp": _saddlp, "sadalp": _sadalp, "addv": _addv,
-           "movi": _movi, "dup": _dup, "ext": _ext}
+           "movi": _movi, "dup": _dup, "ext": _ext, "sdot": _sdot, "sqdmulh": _sqdmulh,
+           "sqrdmulh": _sqrdmulh, "sshr": _sshr, "srshr": _srshr, "srshl": _srshl,
+           "sqxtn": _sqxtn, "sqxtn2": _sqxtn, "sqxtun": _sqxtun, "sqxtun2": _sqxtun,
+           "xtn": _xtn, "xtn2": _xtn}

@@ -359,6 +359,223 @@ def test_counted_loops_match_qemu(emu, text):
     emu.check(text, [_state(rng) for _ in range(3)])
 
 
+# ---- edges, explicitly: each state below puts chosen lane values where the edge is ---------
+_SIZE = {8: "b", 16: "h", 32: "s", 64: "d"}
+
+
+def _wrap(x, bits):
+    half = 1 << (bits - 1)
+    return ((x + half) & ((1 << bits) - 1)) - half
+
+
+def _set_lanes(v, reg, bits, values):
+    """Fill every lane of ``v[reg]`` at ``bits`` width with ``values`` repeated (wrapped)."""
+    lane = lanes(v[reg], _SIZE[bits])
+    vals = [_wrap(int(values[i % len(values)]), bits) for i in range(lane.size)]
+    lane[:] = np.array(vals, np.int64).astype(lane.dtype)
+
+
+def _edges(bits):
+    return [-(1 << (bits - 1)), (1 << (bits - 1)) - 1, -1, 0, 1]
+
+
+def _ops(form, regs, elem_index=1):
+    """Operand text of ``form`` with register numbers ``regs`` (elements at ``elem_index``)."""
+    out = []
+    for f, r in zip(form, regs):
+        if f.startswith("v."):
+            out.append(f"v{r}.{f[2:]}")
+        elif f.startswith("e."):
+            out.append(f"v{r}.{f[2:4] if f == 'e.4b' else f[2]}[{elem_index}]")
+        else:
+            out.append(f"{f}{r}")
+    return ", ".join(out)
+
+
+def _lane0(m, reg, bits):
+    return int(lanes(m.v[reg], _SIZE[bits])[0])
+
+
+MULH_FORMS = [(mn, f) for mn in ("sqdmulh", "sqrdmulh") for f in FORMS[mn]]
+
+
+@pytest.mark.parametrize("mn,form", MULH_FORMS, ids=[f"{m}:{','.join(f)}" for m, f in MULH_FORMS])
+def test_saturating_doubling_mulh_edges_match_qemu(emu, mn, form):
+    """Every pair of MIN/MAX/-1/0/1 operands (MIN*MIN is the one that saturates, to MAX)."""
+    bits = _ebits(form[0])
+    rng = np.random.default_rng(900 + MULH_FORMS.index((mn, form)))
+    idx = int(rng.integers(0, 128 // bits))
+    text = f"{mn} " + _ops(form, (0, 1, 2), idx)
+    states = []
+    for a in _edges(bits):
+        for b in _edges(bits):
+            v, x = _state(rng)
+            _set_lanes(v, 1, bits, [a])
+            _set_lanes(v, 2, bits, [b])
+            states.append((v, x))
+    emu.check(text, states)
+    m = Machine()
+    m.v[:] = states[0][0]                                          # MIN * MIN
+    m.run(text)
+    assert _lane0(m, 0, bits) == (1 << (bits - 1)) - 1
+
+
+NARROW_FORMS = [(mn, f) for mn in ("sqxtn", "sqxtn2", "sqxtun", "sqxtun2", "xtn", "xtn2")
+                for f in FORMS[mn]]
+
+
+@pytest.mark.parametrize("mn,form", NARROW_FORMS, ids=[f"{m}:{','.join(f)}" for m, f in NARROW_FORMS])
+def test_narrow_edges_match_qemu(emu, mn, form):
+    """Source MIN/MAX/-1/0/1 and the destination's limits and one past them, in every lane."""
+    src, dst = _ebits(form[1]), _ebits(form[0])
+    rng = np.random.default_rng(950 + NARROW_FORMS.index((mn, form)))
+    values = _edges(src) + [-(1 << (dst - 1)), (1 << (dst - 1)) - 1, -(1 << (dst - 1)) - 1,
+                            1 << (dst - 1), (1 << dst) - 1, 1 << dst]
+    states = []
+    for r in range(len(values)):
+        v, x = _state(rng)
+        _set_lanes(v, 1, src, values[r:] + values[:r])
+        states.append((v, x))
+    emu.check(f"{mn} " + _ops(form, (0, 1)), states)
+
+
+def test_narrow_saturation_values():
+    m = Machine()
+    m.v[0] = 0xAB
+    _set_lanes(m.v, 1, 16, [-32768, 32767, -1, 0, 1, -129, 128, 256])
+    m.run("sqxtn v2.8b, v1.8h\nsqxtun v3.8b, v1.8h\nxtn v4.8b, v1.8h\nsqxtn2 v0.16b, v1.8h")
+    assert lanes(m.v[2], "8b").tolist() == [-128, 127, -1, 0, 1, -128, 127, 127]
+    assert lanes(m.v[3], "8b", signed=False).tolist() == [0, 255, 0, 0, 1, 0, 128, 255]
+    assert lanes(m.v[4], "8b", signed=False).tolist() == [0, 255, 255, 0, 1, 127, 128, 0]
+    assert (m.v[2:5, 8:] == 0).all()                                # non-2 forms zero the top
+    assert (m.v[0, :8] == 0xAB).all() and lanes(m.v[0], "16b")[8:].tolist() == \
+        lanes(m.v[2], "8b").tolist()                                # the 2 form keeps the bottom
+
+
+def _srshl_amounts(bits):
+    return [-bits - 1, -bits, -bits + 1, -1, 0, 1, bits - 1, bits, bits + 1, 127, -128]
+
+
+@pytest.mark.parametrize("form", FORMS["srshl"], ids=[",".join(f) for f in FORMS["srshl"]])
+def test_srshl_edge_shift_amounts_match_qemu(emu, form):
+    """Each edge shift amount (in the low byte; the lane's other bits random, as only the low
+    byte counts) over MIN/MAX/-1/0/1 and neighbours of MIN/MAX, rotated through the lanes."""
+    bits = _ebits(form[0])
+    rng = np.random.default_rng(990 + FORMS["srshl"].index(form))
+    values = _edges(bits) + [-(1 << (bits - 1)) + 1, (1 << (bits - 1)) - 2, 3]
+    states = []
+    for sh in _srshl_amounts(bits):
+        for r in range(0, len(values), 2):
+            v, x = _state(rng)
+            _set_lanes(v, 1, bits, values[r:] + values[:r])
+            high = [int(h) << 8 for h in rng.integers(0, 1 << 16, 16)] if bits > 8 else [0]
+            _set_lanes(v, 2, bits, [h | (sh & 0xFF) for h in high])
+            states.append((v, x))
+    emu.check("srshl " + _ops(form, (0, 1, 2)), states)
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32, 64])
+def test_srshl_edge_values(bits):
+    """What QEMU agreed to above, spelled out: shifts by +-esize and beyond give 0 (rounding
+    the sign bit away), -esize+1 rounds MIN to -1 and MAX to 1, left shifts wrap."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    expect = {-bits - 1: (0, 0), -bits: (0, 0), -bits + 1: (-1, 1), -1: (lo // 2, (hi + 1) // 2),
+              0: (lo, hi), 1: (0, -2), bits - 1: (0, lo), bits: (0, 0), bits + 1: (0, 0),
+              127: (0, 0), -128: (0, 0)}
+    for sh, (want_lo, want_hi) in expect.items():
+        m = Machine()
+        _set_lanes(m.v, 1, bits, [lo, hi])
+        _set_lanes(m.v, 2, bits, [sh])
+        arr = {8: "16b", 16: "8h", 32: "4s", 64: "2d"}[bits]
+        m.run(f"srshl v0.{arr}, v1.{arr}, v2.{arr}")
+        assert lanes(m.v[0], _SIZE[bits])[:2].tolist() == [want_lo, want_hi], sh
+
+
+SHR_FORMS = [(mn, f) for mn in ("sshr", "srshr") for f in FORMS[mn]]
+
+
+@pytest.mark.parametrize("mn,form", SHR_FORMS, ids=[f"{m}:{','.join(f)}" for m, f in SHR_FORMS])
+def test_shift_right_by_1_and_esize_match_qemu(emu, mn, form):
+    bits = _ebits(form[0])
+    rng = np.random.default_rng(1100 + SHR_FORMS.index((mn, form)))
+    dst = (0, 3, 4, 5)
+    text = "\n".join(f"{mn} " + _ops(form[:2], (r, 1)) + f", #{sh}"
+                     for r, sh in zip(dst, (1, bits, bits - 1, 2)) if sh >= 1)
+    values = _edges(bits) + [-(1 << (bits - 1)) + 1, (1 << (bits - 1)) - 2]
+    states = []
+    for r in range(len(values)):
+        v, x = _state(rng)
+        _set_lanes(v, 1, bits, values[r:] + values[:r])
+        states.append((v, x))
+    m = emu.check(text, states)
+    if mn == "srshr":    # rounding by esize: (x + 2^(esize-1)) >> esize is 0 for every x
+        assert (lanes(m.v[3], _SIZE[bits]) == 0).all()
+
+
+SDOT_EDGE = """
+sdot v0.4s, v1.16b, v2.16b
+sdot v3.2s, v1.8b, v2.8b
+sdot v4.4s, v1.16b, v2.4b[3]
+sdot v5.2s, v2.8b, v1.4b[0]
+"""
+
+
+def test_sdot_edges_match_qemu(emu):
+    """All -128 or all 127 bytes (dot products +-65536, 65024, 64516 per lane) onto
+    accumulators at and near MIN/MAX, so lanes wrap."""
+    rng = np.random.default_rng(1200)
+    lo, hi = -(1 << 31), (1 << 31) - 1
+    accs = [hi, hi - 65535, hi - 65536, lo, lo + 65023, lo + 65024, -1, 0]
+    states = []
+    for a in (-128, 127):
+        for b in (-128, 127):
+            for r in range(0, len(accs), 2):
+                v, x = _state(rng)
+                _set_lanes(v, 1, 8, [a])
+                _set_lanes(v, 2, 8, [b])
+                for reg in (0, 3, 4, 5):
+                    _set_lanes(v, reg, 32, accs[r:] + accs[:r])
+                states.append((v, x))
+    emu.check(SDOT_EDGE, states)
+    m = Machine()
+    m.v[1] = m.v[2] = 0x80
+    _set_lanes(m.v, 0, 32, [hi])
+    m.run(SDOT_EDGE)
+    assert lanes(m.v[0], "4s").tolist() == [lo + 65535] * 4           # MAX + 65536 wraps
+    assert lanes(m.v[3], "4s").tolist() == [65536, 65536, 0, 0]
+
+
+def test_sdot_by_element_uses_one_group_for_every_lane():
+    m = Machine()
+    lanes(m.v[1], "16b")[:] = np.arange(16) - 8
+    lanes(m.v[2], "16b")[:] = [0] * 8 + [1, -1, 2, -2] + [0] * 4        # group 2
+    m.run("sdot v0.4s, v1.16b, v2.4b[2]")
+    a = (np.arange(16) - 8).reshape(4, 4)
+    assert lanes(m.v[0], "4s").tolist() == (a @ np.array([1, -1, 2, -2])).tolist()
+
+
+# ---- core features --------------------------------------------------------------------------
+def test_dotprod_cores():
+    assert {c for c in CORES if "dotprod" in CORE_FEATURES[c]} == {"cortex-a55", "cortex-a76"}
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_sdot_needs_the_dotprod_extension(core):
+    text = "movi v1.16b, #2\n// sdot below\nsdot v0.4s, v1.16b, v1.4b[3]"
+    m = Machine(core=core)
+    if "dotprod" in CORE_FEATURES[core]:
+        m.run(text)
+        assert lanes(m.v[0], "4s").tolist() == [16] * 4
+        return
+    with pytest.raises(FeatureError) as e:
+        m.run(text)
+    msg = str(e.value)
+    assert isinstance(e.value, ValueError)
+    for part in ("line 3", "SDOT", core, "cortex-a55, cortex-a76", "'sdot v0.4s, v1.16b, v1.4b[3]'"):
+        assert part in msg, (part, msg)
+    assert not m.v.any()                          # rejected before the MOVI ran
+
+
 # ---- properties that need no emulator -------------------------------------------------------
 def test_loop_instruction_count():
     m = Machine()

@@ -39,6 +39,10 @@ def test_operand_kinds():
     assert ops("movi v0.4s, #0xab, lsl #24")[1:] == (Imm(0xAB), Shift(24))
     assert ops("add x0, x1, #1, lsl #12")[2:] == (Imm(1), Shift(12))
     assert ops("movi v0.2d, #0xff00ff00ff00ff00")[1] == Imm(0xFF00FF00FF00FF00)
+    assert ops("sdot v0.2s, v1.8b, v31.4b[0x3]") == (VReg(0, "2s"), VReg(1, "8b"), VElem(31, "4b", 3))
+    assert ops("sshr v0.2d, v1.2d, #0x40")[2] == Imm(64)             # capstone prints hex shifts
+    assert ops("sqxtun2 v0.4s, v1.2d") == (VReg(0, "4s"), VReg(1, "2d"))
+    assert ops("sqrdmulh s0, s1, v31.s[3]") == (SReg(0, "s"), SReg(1, "s"), VElem(31, "s", 3))
 
 
 def test_lines_labels_comments_and_separators():
@@ -66,7 +70,7 @@ def test_label_at_end_targets_one_past_last():
 
 @pytest.mark.parametrize("text,msg", [
     ("nop", "unknown or unsupported mnemonic 'nop'"),
-    ("sdot v0.4s, v1.16b, v2.16b", "unknown or unsupported mnemonic 'sdot'"),
+    ("udot v0.4s, v1.16b, v2.16b", "unknown or unsupported mnemonic 'udot'"),
     ("fadd v0.4s, v1.4s, v2.4s", "unknown or unsupported mnemonic 'fadd'"),
     ("add v32.4s, v1.4s, v2.4s", "bad register 'v32.4s'"),
     ("add x31, x1, x2", "bad register 'x31'"),
@@ -110,6 +114,46 @@ def test_label_at_end_targets_one_past_last():
     ("movi v0.2d, #0x1ff", "every byte 0x00 or 0xff"),
     ("mov x0, #0x10001", "MOVZ/MOVN value"),                            # a bitmask immediate
     ("mov w0, #0x100000000", "MOVZ/MOVN value"),
+    ("sshr v0.8b, v1.8b, #0", "shift must be 1..8"),
+    ("sshr v0.16b, v1.16b, #9", "shift must be 1..8"),
+    ("srshr v0.8h, v1.8h, #17", "shift must be 1..16"),
+    ("sshr v0.4s, v1.4s, #33", "shift must be 1..32"),
+    ("srshr v0.2d, v1.2d, #65", "shift must be 1..64"),
+    ("srshr d0, d1, #0", "shift must be 1..64"),
+    ("sshr v0.4s, v1.4s, #-1", "shift must be 1..32"),
+    ("sshr s0, s1, #1", "operands not allowed for SSHR"),             # scalar is .d only
+    ("sshr v0.4s, v1.4s, v2.4s", "operands not allowed for SSHR"),
+    ("srshr v0.4s, v1.2s, #1", "operands not allowed for SRSHR"),
+    ("srshl v0.4s, v1.4s, #1", "operands not allowed for SRSHL"),
+    ("srshl v0.1d, v1.1d, v2.1d", "operands not allowed for SRSHL"),
+    ("srshl s0, s1, s2", "operands not allowed for SRSHL"),
+    ("sdot v0.4s, v1.16b, v2.4b[4]", "element index out of range in 'v2.4b[4]'"),
+    ("sdot v0.2s, v1.8b, v31.4b[0x4]", "element index out of range"),
+    ("sdot v0.4s, v1.8b, v2.8b", "operands not allowed for SDOT"),
+    ("sdot v0.2s, v1.16b, v2.16b", "operands not allowed for SDOT"),
+    ("sdot v0.4h, v1.8b, v2.8b", "operands not allowed for SDOT"),
+    ("sdot v0.4s, v1.16b, v2.b[3]", "operands not allowed for SDOT"),  # the element is .4b
+    ("sdot v0.4s, v1.16b, v2.s[3]", "operands not allowed for SDOT"),
+    ("sdot s0, v1.16b, v2.16b", "operands not allowed for SDOT"),
+    ("sqxtn v0.8b, v1.4s", "operands not allowed for SQXTN"),          # mismatched widths
+    ("sqxtn v0.4h, v1.8h", "operands not allowed for SQXTN"),
+    ("sqxtn v0.16b, v1.8h", "operands not allowed for SQXTN"),         # upper half is SQXTN2
+    ("sqxtn2 v0.8b, v1.8h", "operands not allowed for SQXTN2"),
+    ("sqxtn2 v0.16b, v1.4s", "operands not allowed for SQXTN2"),
+    ("sqxtun v0.2s, v1.4s", "operands not allowed for SQXTUN"),
+    ("sqxtun2 v0.8h, v1.2d", "operands not allowed for SQXTUN2"),
+    ("xtn v0.8h, v1.4s", "operands not allowed for XTN"),
+    ("xtn b0, h1", "operands not allowed for XTN"),                    # no scalar XTN
+    ("sqxtn b0, s1", "operands not allowed for SQXTN"),
+    ("sqxtn2 b0, h1", "operands not allowed for SQXTN2"),
+    ("sqxtn v0.8b, v1.8h, v2.8h", "operands not allowed for SQXTN"),
+    ("sqdmulh v0.16b, v1.16b, v2.16b", "operands not allowed for SQDMULH"),
+    ("sqdmulh v0.2d, v1.2d, v2.2d", "operands not allowed for SQDMULH"),
+    ("sqrdmulh v0.8h, v1.8h, v16.h[0]", "operands not allowed for SQRDMULH"),  # .h: v0-v15
+    ("sqrdmulh h0, h1, v16.h[0]", "operands not allowed for SQRDMULH"),
+    ("sqdmulh v0.4s, v1.4s, v2.h[0]", "operands not allowed for SQDMULH"),
+    ("sqdmulh b0, b1, b2", "operands not allowed for SQDMULH"),
+    ("sqrdmulh d0, d1, d2", "operands not allowed for SQRDMULH"),
     ("b nowhere", "undefined label 'nowhere'"),
     ("b.xx l\nl:", "unknown or unsupported mnemonic 'b.xx'"),
     ("b #8", "bad label '#8'"),
@@ -171,6 +215,8 @@ def test_arrangements_rejected_here_are_rejected_by_the_assembler(ks_cs):
     ks, cs = ks_cs
     checked = 0
     for mn, forms in FORMS.items():
+        if mn == "sdot":  # keystone 0.9.2 has no SDOT; test_neon_semantics encodes it itself
+            continue
         for form in forms:
             if not all(t.startswith(("v.", "e.", "b", "h", "s")) for t in form) or "label" in form:
                 continue

@@ -554,6 +554,18 @@ def test_sdot_by_element_uses_one_group_for_every_lane():
     assert lanes(m.v[0], "4s").tolist() == (a @ np.array([1, -1, 2, -2])).tolist()
 
 
+def test_sdot_encoder_reads_back_through_capstone(emu):
+    """Every element index with every Vm (M:Rm covers v16-v31), both Q, random Vd/Vn."""
+    rng = np.random.default_rng(1300)
+    texts = [f"sdot v{rng.integers(0, 32)}.{d}, v{rng.integers(0, 32)}.{n}, v{mm}.4b[{i}]"
+             for d, n in (("2s", "8b"), ("4s", "16b")) for mm in range(32) for i in range(4)]
+    texts += [f"sdot v{rng.integers(0, 32)}.{d}, v{rng.integers(0, 32)}.{n}, v{mm}.{n}"
+              for d, n in (("2s", "8b"), ("4s", "16b")) for mm in range(32)]
+    for text in texts:
+        (d,) = emu.cs.disasm(sdot_word(parse(text)[0]).to_bytes(4, "little"), BASE)
+        assert f"{d.mnemonic} {d.op_str}" == text
+
+
 # ---- core features --------------------------------------------------------------------------
 def test_dotprod_cores():
     assert {c for c in CORES if "dotprod" in CORE_FEATURES[c]} == {"cortex-a55", "cortex-a76"}

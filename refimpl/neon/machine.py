@@ -63,8 +63,9 @@ class RunStats:
 class Machine:
     """AArch64 register file and memory: ``v`` (32, 16) uint8, ``x`` (31,) uint64, ``mem`` uint8.
 
-    ``core`` is validated and kept for the timing model (not yet implemented). Flags ``nzcv`` are
-    a tuple of four bools, persisting across :meth:`run` calls like the registers. An x register
+    ``core`` is validated, selects the extensions :meth:`run` accepts (:data:`CORE_FEATURES`)
+    and is kept for the timing model (not yet implemented). Flags ``nzcv`` are a tuple of four
+    bools, persisting across :meth:`run` calls like the registers. An x register
     used as an address indexes ``mem`` directly (address 0 is ``mem[0]``); an access reaching
     outside ``mem`` raises ``IndexError`` naming the line and instruction, before any writeback.
     """

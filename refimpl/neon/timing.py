@@ -515,9 +515,13 @@ class Timer:
             c = t
             while any((c + i) in busy for i in range(occ)):
                 c += 1
-            if best is None or c < best[0]:
-                best = (c, p)
-        c, p = best
+            # a micro-op that may use several pipes is steered at dispatch to the one with
+            # the least pending work (the issue queues are per pipe), earliest slot on ties;
+            # otherwise it would take slots a pipe-restricted younger micro-op needs
+            key = (len(busy), c)
+            if best is None or key < best[0]:
+                best = (key, p)
+        (_, c), p = best
         self._busy[p].update(range(c, c + occ))
         return c
 

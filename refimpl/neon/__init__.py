@@ -3,7 +3,8 @@
 :mod:`refimpl.neon.asm` parses a documented subset of GNU ``as`` AArch64 syntax (vector integer
 ops, element moves, LD1/ST1/LD1R and LDR/STR on a flat memory, scalar loop control),
 :class:`Machine` executes it bit-exactly (checked against QEMU via unicorn in the tests), and
-:func:`max_accumulations` bounds accumulator headroom. No timing model yet. Instructions from
+:func:`max_accumulations` bounds accumulator headroom. :mod:`refimpl.neon.timing` counts cycles
+per core (``Machine.run(...).cycles``, :func:`steady_state_cycles`). Instructions from
 architecture extensions (SDOT) run only on cores that have them (:data:`CORE_FEATURES`); others
 raise :class:`FeatureError` before executing anything.
 """

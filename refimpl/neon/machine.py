@@ -1,8 +1,9 @@
 """An AArch64 machine state and an interpreter for the :mod:`refimpl.neon.asm` subset.
 
 Semantics follow the ARM Architecture Reference Manual (DDI 0487), section C7 (SIMD&FP
-instructions) and C6 (base instructions); each handler names its instruction. No timing model
-yet: :meth:`Machine.run` counts executed instructions only.
+instructions) and C6 (base instructions); each handler names its instruction. Timing comes from
+:mod:`refimpl.neon.timing`: :meth:`Machine.run` steps a fresh :class:`~refimpl.neon.timing.Timer`
+of the machine's core over every executed instruction and reports cycles and stalls.
 
 Saturating instructions (SQDMULH, SQRDMULH, SQXTN, SQXTUN) saturate their results as the ISA
 does but do not model the cumulative saturation flag FPSR.QC. Instructions from extensions are
@@ -11,12 +12,13 @@ checked against the core before anything executes (:data:`CORE_FEATURES`,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .asm import (ARRANGEMENTS, ELEM_BYTES, AsmError, GReg, Imm, Instruction, Shift, VElem, VReg,
                   _mov_wide, parse)
+from .timing import Timer
 
 __all__ = ["Machine", "RunStats", "CORES", "CORE_FEATURES", "FEATURES", "INSTRUCTION_FEATURES",
            "FeatureError", "lanes"]
@@ -56,15 +58,18 @@ def lanes(reg: np.ndarray, arrangement: str, signed: bool = True) -> np.ndarray:
 
 @dataclass
 class RunStats:
-    """What :meth:`Machine.run` measured: ``instructions`` executed."""
+    """What :meth:`Machine.run` measured: ``instructions`` executed, ``cycles`` on the machine's
+    core (:class:`~refimpl.neon.timing.Timer`) and ``stalls`` (cause -> stall cycles)."""
     instructions: int
+    cycles: int = 0
+    stalls: dict = field(default_factory=dict)
 
 
 class Machine:
     """AArch64 register file and memory: ``v`` (32, 16) uint8, ``x`` (31,) uint64, ``mem`` uint8.
 
     ``core`` is validated, selects the extensions :meth:`run` accepts (:data:`CORE_FEATURES`)
-    and is kept for the timing model (not yet implemented). Flags ``nzcv`` are a tuple of four
+    and the timing model (:data:`refimpl.neon.timing.CORE_MODELS`). Flags ``nzcv`` are a tuple of four
     bools, persisting across :meth:`run` calls like the registers. An x register
     used as an address indexes ``mem`` directly (address 0 is ``mem[0]``); an access reaching
     outside ``mem`` raises ``IndexError`` naming the line and instruction, before any writeback.
@@ -112,6 +117,7 @@ class Machine:
         the end; raise ``RuntimeError`` after ``max_instructions`` (a runaway loop)."""
         prog = parse(asm_text)
         self._check_features(prog)
+        timer = Timer(self.core)
         pc = count = 0
         while pc < len(prog):
             if count >= max_instructions:
@@ -121,8 +127,9 @@ class Machine:
             count += 1
             self._ins = ins
             target = self._exec(ins)
+            timer.step(ins)
             pc = pc + 1 if target is None else target
-        return RunStats(instructions=count)
+        return RunStats(instructions=count, cycles=timer.cycles, stalls=dict(timer.stalls))
 
     def _check_features(self, prog) -> None:
         """Raise :class:`FeatureError` for the first instruction ``self.core`` lacks."""

@@ -197,7 +197,10 @@ class CoreModel:
     single_issue: frozenset = frozenset()
 
     def entry(self, ins: Instruction) -> Entry:
-        k = klass(ins)
+        try:
+            k = klass(ins)
+        except ValueError as e:
+            raise ValueError(f"{self.name} timing model: {e}") from None
         if k in self.absent:
             raise ValueError(f"{ins.mnemonic.upper()} on {self.name}: {self.absent[k]}")
         if k not in self.rows:

@@ -218,7 +218,16 @@ def test_steady_state_equals_full_run(name, core):
         if it == 200:
             c200 = t.cycles
     assert steady_state_cycles(body, core) == (t.cycles - c200) / 200
-    assert full_run_cycles(body, core, 400) == t.cycles
+
+
+def test_full_run_cycles():
+    body = KERNELS["requant"]
+    t = Timer("cortex-a72")
+    for _ in range(3):
+        for ins in parse(body):
+            t.step(ins)
+    assert full_run_cycles(body, "cortex-a72", 3) == t.cycles
+    assert t.instructions == 3 * len(parse(body))
 
 
 @pytest.mark.parametrize("core", ["cortex-a55", "cortex-a76"])

@@ -276,7 +276,9 @@ A55_ROWS = {
     "ext": _a55_vec(2), "ins": _a55_vec(2), "xtn": _a55_q(2), "shr": _a55_vec(2),
     "addp": _a55_vec(3), "addl": _a55_q(3), "addlp": _a55_vec(3), "addv": _a55_q(3),
     "rshr": _a55_vec(3), "rshl": _a55_vec(3),
-    "adalp": _a55_vec(4), "qxtn": _a55_q(4), "mul": _a55_vec(4), "mull": _a55_q(4),
+    # MUL/MULL carry accumulate latency 1 too: their result reaches a dependent MLA/MLAL's
+    # accumulator after 1 cycle (SLOTHY A55: MUL->MLA, MULL->MLAL forwarding)
+    "adalp": _a55_vec(4), "qxtn": _a55_q(4), "mul": _a55_vec(4, acc=1), "mull": _a55_q(4, acc=1),
     "mla": _a55_vec(4, acc=1), "mlal": _a55_q(4, acc=1), "dot": _a55_vec(4),
     "dup_gpr": (_e(3, (_V, 1)),) * 2, "ins_gpr": (_e(2, (_V, 1)),) * 2,
     "umov": (_e(2, (_V, 1)),) * 2,
@@ -451,10 +453,6 @@ class Timer:
                 self._reg[r] = (t_wb, None, None)
             else:
                 fwd = t_issue + e.acc if (e.acc is not None and group is not None) else None
-                if fwd is None and group is not None and self.model.kind == "inorder":
-                    # A55: multiplies forward to an accumulating consumer at its accumulate
-                    # latency (SLOTHY A55 model: MUL->MLA, MULL->MLAL "accumulate_latency=1")
-                    fwd = t_issue + 1
                 self._reg[r] = (t_data, fwd, group)
 
     def step(self, ins: Instruction) -> None:
@@ -590,7 +588,7 @@ def _body(loop_asm: str) -> list[Instruction]:
     return prog
 
 
-def steady_state_cycles(loop_asm: str, core: str, *, n1: int = 200, n2: int = 400) -> float:
+def steady_state_cycles(loop_asm: str, core: str) -> float:
     """Cycles per iteration of ``loop_asm`` repeated as a straight-line block (its branches
     counted as predicted), llvm-mca's way: ``(cycles(n2 iterations) - cycles(n1)) / (n2 - n1)``.
 
@@ -598,6 +596,7 @@ def steady_state_cycles(loop_asm: str, core: str, *, n1: int = 200, n2: int = 40
     recorded after every iteration; once a state repeats (iteration j and k), the cycle counts
     continue periodically, c(n + (k - j)) = c(n) + c(k) - c(j) for n >= j, since the model is a
     deterministic function of that relative state. Returns a float."""
+    n1, n2 = 200, 400
     prog = _body(loop_asm)
     t = Timer(core)
     cyc = [0]

@@ -130,8 +130,10 @@ def test_dependent_chain(core, text, per, first):
     # A55: Q-form ADD takes both 64-bit pipes -> 1 per cycle; D-form 2 per cycle
     ("cortex-a55", "\n".join(f"add v{i}.4s, v20.4s, v21.4s" for i in range(8)), 8),
     ("cortex-a55", "\n".join(f"add v{i}.2s, v20.2s, v21.2s" for i in range(8)), 4),
-    # A55: a Q-form load holds the 64-bit load path 2 cycles
+    # A55: a Q-form load holds the 64-bit load path (and issue) 2 cycles
     ("cortex-a55", "ld1 {v0.16b}, [x0]\nld1 {v1.16b}, [x1]", 4),
+    ("cortex-a55", "ld1 {v0.16b}, [x0]\nadd v2.8b, v3.8b, v4.8b", 3),
+    ("cortex-a55", "ld1 {v0.8b}, [x0]\nadd v2.8b, v3.8b, v4.8b", 1),
     # A72: MLA Q-form issues every 2 cycles on F0; D-form every cycle
     ("cortex-a72", "\n".join(f"mla v{i}.8h, v20.8h, v21.8h" for i in range(4)), 8),
     ("cortex-a72", "\n".join(f"mla v{i}.4h, v20.4h, v21.4h" for i in range(4)), 4),
@@ -172,8 +174,12 @@ def test_stall_causes():
     # Q-form: the slot rule already moved it one cycle; the operand waits one more
     t = run("add v0.8h, v0.8h, v1.8h\nadd v0.8h, v0.8h, v1.8h", "cortex-a55")
     assert t.stalls == {"operand": 1, "pipe": 0, "issue_width": 1}
+    # A55 Q-form load: issues alone (issue_width 1) and holds issue 2 cycles (pipe 1 more)
     t = run("ld1 {v0.16b}, [x0]\nld1 {v1.16b}, [x1]", "cortex-a55")
-    assert t.stalls["pipe"] == 2 and t.stalls["operand"] == 0
+    assert t.stalls == {"operand": 0, "pipe": 1, "issue_width": 1}
+    # D-form loads: one load pipe, so the second waits a cycle for it
+    t = run("ld1 {v0.8b}, [x0]\nld1 {v1.8b}, [x1]", "cortex-a55")
+    assert t.stalls == {"operand": 0, "pipe": 1, "issue_width": 0}
     t = run("mla v0.8h, v20.8h, v21.8h\nmla v1.8h, v20.8h, v21.8h", "cortex-a72")
     assert t.stalls["pipe"] == 2 and t.stalls["operand"] == 0
     t = run("mul v0.4s, v1.4s, v2.4s\nadd v3.4s, v0.4s, v0.4s", "cortex-a76")

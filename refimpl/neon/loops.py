@@ -238,7 +238,7 @@ def compare_with_llvm_mca(kernels: dict[str, str] | None = None,
                              "llvm-mca A55 artefact: its model serialises the base writeback "
                              "of post-indexed loads")]
             for variant, text, artefact in variants:
-                reason = MARKED.get((name, core), "") or artefact
+                reason = "; ".join(x for x in (artefact, MARKED.get((name, core), "")) if x)
                 try:
                     ours = steady_state_cycles(text, core)
                 except ValueError as e:

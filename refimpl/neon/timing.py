@@ -195,6 +195,7 @@ class CoreModel:
     absent: dict = field(default_factory=dict)
     source: str = ""
     single_issue: frozenset = frozenset()
+    block_wide_loads: bool = False
 
     def entry(self, ins: Instruction) -> Entry:
         try:
@@ -270,6 +271,11 @@ A55_ROWS = {
     # insert from a general register 3 and 2, move to general register 2.
     # Accumulate latency 1 (late forwarding MLA/MLAL <- MLA/MLAL/MUL/MULL): cross-checked with
     # Arm's SLOTHY Cortex-A55 model (slothy/targets/aarch64/cortex_a55.py, "accumulate_latency=1").
+    # A Q-form (128-bit) vector load issues alone and holds issue for its 2 load-path cycles
+    # (measured, not in the guide's tables: Tencent ncnn docs/developer-guide/
+    # arm-a53-a55-dual-issue.md "128bit vector load cannot be dual issued with fmla, wait 2
+    # cycles"; onnxruntime commit 50a6f095, A55 QGEMM: "a 128b load instruction would block
+    # the pipeline for 2 whole cycles"), see ``block_wide_loads``.
     "int": (_e(1, ("I0|I1", 1)),) * 2,
     "branch": (_e(1, ("B", 1)),) * 2,
     "alu": _a55_vec(2), "minmax": _a55_vec(2), "movi": _a55_vec(2), "dup": _a55_vec(2),
@@ -290,7 +296,7 @@ _A55_FWD = _fwd({"mla", "mlal", "mul", "mull"})
 
 CORE_MODELS: dict[str, CoreModel] = {}
 CORE_MODELS["cortex-a55"] = _InOrder64(
-    "cortex-a55", "inorder", 2, 0, A55_ROWS, ("I0|I1",), _A55_FWD,
+    "cortex-a55", "inorder", 2, 0, A55_ROWS, ("I0|I1",), _A55_FWD, block_wide_loads=True,
     source="Arm Cortex-A55 Software Optimization Guide v3.0 (ARM-EPM-128372), sections 3.1 "
            "(dual issue), 3.3, 3.8-3.9, 3.15; accumulate forwarding as in Arm's SLOTHY A55 model")
 
@@ -305,7 +311,7 @@ CORE_MODELS["cortex-a53"] = _InOrder64(
     absent={"dot": "Cortex-A53 implements ARMv8.0-A, which has no dot-product instructions"},
     source="Cortex-A55 SWOG figures (no A53 guide exists) + A53 dual-issue limits measured by "
            "ncnn (docs/developer-guide/arm-a53-a55-dual-issue.md)",
-    single_issue=frozenset({"ld1", "ld1r"}))
+    single_issue=frozenset({"ld1", "ld1r"}), block_wide_loads=True)
 
 _F = "F0|F1"
 A72_ROWS = {
@@ -418,6 +424,7 @@ class Timer:
         self._retire: list[int] = []             # ooo: retire cycles of the last `window`
         self._last_retire = 0
         self._cache: dict = {}
+        self._block = 0        # in-order: no issue before this cycle (wide load in flight)
 
     def _decode(self, ins):
         ent = self._cache.get((ins.mnemonic, ins.operands))
@@ -468,14 +475,17 @@ class Timer:
     def _step_inorder(self, e, k, reads, writes, group, acc_reg, wb):
         m = self.model
         slot0_only = len(e.uops) > 1 and all(p in (("V0",), ("V1",)) for p, _ in e.uops)
-        single = k in m.single_issue
+        # a load wider than the 64-bit load path holds issue for its whole occupancy
+        blocking = m.block_wide_loads and k in ("ld1", "ld1r") and e.uops[0][1] >= 2
+        single = k in m.single_issue or blocking
         if self.instructions == 0:
-            earliest = 0
+            earliest0 = 0
         elif self._used >= m.width or (self._used >= 1 and (slot0_only or single)) \
                 or self._used < 0:
-            earliest = self._cur + 1
+            earliest0 = self._cur + 1
         else:
-            earliest = self._cur
+            earliest0 = self._cur
+        earliest = max(earliest0, self._block)
         t_op = self._ready(reads, acc_reg, group)
         t = max(earliest, t_op)
         # all micro-ops issue together: find the first cycle each has a free pipe
@@ -491,8 +501,9 @@ class Timer:
             if t_need == t:
                 break
             t = t_need
-        if self.instructions and earliest > self._cur and self._used < m.width:
-            self.stalls["issue_width"] += earliest - self._cur
+        if self.instructions and earliest0 > self._cur and self._used < m.width:
+            self.stalls["issue_width"] += earliest0 - self._cur
+        self.stalls["pipe"] += earliest - earliest0
         self.stalls["operand"] += max(0, t_op - earliest)
         self.stalls["pipe"] += t - max(earliest, t_op)
         for p, occ in picks:
@@ -503,6 +514,8 @@ class Timer:
             self._used += 1
         if single:
             self._used = -1  # nothing pairs after a single-issue instruction
+        if blocking:
+            self._block = t + e.uops[0][1]
         t_wb = t + 1
         self._write(writes, wb, t + e.lat, t, e, group, t_wb)
         self.cycles = max(self.cycles, t + e.lat)
@@ -573,7 +586,7 @@ class Timer:
                             for r, (a, f, g) in self._reg.items()))
         if self.model.kind == "inorder":
             pipes = tuple(sorted((p, max(v - ref, 0)) for p, v in self._free.items()))
-            return (self._used, regs, pipes, self.cycles - ref)
+            return (self._used, regs, pipes, self.cycles - ref, max(self._block - ref, 0))
         pipes = tuple(sorted((p, tuple(sorted(c - ref for c in b if c >= ref)))
                              for p, b in self._busy.items()))
         rob = tuple(max(r - ref, 0) for r in self._retire[-self.model.window:])

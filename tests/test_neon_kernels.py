@@ -78,6 +78,13 @@ def test_tiles_and_padding():
         tr = run_gemm(a, b, "sdot", tile=tile, unroll=unroll, trace=True)
         np.testing.assert_array_equal(fast.result, _exact(a, b))
         np.testing.assert_array_equal(tr.result, fast.result)
+    for kernel, tile, bits in (("int7", (6, 8), 7), ("int7", (1, 8), 7), ("mla-lowbit", (4, 16), 2),
+                               ("mla-lowbit", (1, 16), 4), ("smlal", (3, 4), 8)):
+        a, b = _operands(rng, bits, 7, 31, 18, b_lo=-127 if kernel == "smlal" else None)
+        fast = run_gemm(a, b, kernel, bits=bits, tile=tile)
+        tr = run_gemm(a, b, kernel, bits=bits, tile=tile, trace=True)
+        np.testing.assert_array_equal(fast.result, _exact(a, b))
+        np.testing.assert_array_equal(tr.result, fast.result)
     prog = generate_kernel("int7", 9, tile=(2, 8))
     assert prog.k_padded == 14 and prog.kstep == 14 and prog.accumulations == 7
 

@@ -28,7 +28,10 @@ the tile with ``ST1``. Every kernel family is our own code following a published
   then SADDW/SADDW2 widen into int16; every 256 segments (and at the end) SADDW/SADDW2 widen the
   int16 lanes into int32. 256 segments of int8 values in [-128, 127] sum to [-32768, 32512], so
   the int16 stage cannot wrap whatever the int8 lanes hold. Columns in the lanes, A broadcast
-  with ``LD1R .16b``. Tile MR x 16 (MR 1..4, default 4x16), K-step ``accumulations``.
+  with ``LD1R .16b``. Tile MR x 16 (MR 1..4, default 3x16: the registers MR=4 leaves free
+  cannot double-buffer the broadcasts, which costs more than the wider tile saves), K-step
+  ``accumulations`` x the segments unrolled per loop iteration (enough for >= 4 products: 4
+  segments at 4 bits, 1 at 2 and 3 bits).
 
 Packing (like gemmlowp/ruy pack panels): K is zero-padded to a multiple of the K-step, M and N
 to multiples of MR and NR (zeros add nothing; the result is cropped). With ``g`` the kernel's
@@ -70,7 +73,7 @@ KERNELS = ("smlal", "sdot", "int7", "mla-lowbit")
 _GROUP = {"smlal": 16, "sdot": 4, "int7": 2, "mla-lowbit": 1}     # depth group of the packing
 _BITS = {"smlal": range(2, 9), "sdot": range(2, 9), "int7": range(2, 8), "mla-lowbit": (2, 3, 4)}
 _DEFAULT_BITS = {"smlal": 8, "sdot": 8, "int7": 7}
-_DEFAULT_TILE = {"smlal": (4, 4), "sdot": (8, 8), "int7": (4, 8), "mla-lowbit": (4, 16)}
+_DEFAULT_TILE = {"smlal": (4, 4), "sdot": (8, 8), "int7": (4, 8), "mla-lowbit": (3, 16)}
 _WIDEN_EVERY = 256        # mla-lowbit: int8 segments summed in int16 before widening to int32
 _MAX_ACCUMULATIONS = 256  # cap of the accumulations override (the segment is unrolled in text)
 
@@ -168,6 +171,24 @@ def _loop(label, body, counter="x4"):
     return "\n".join([f"{label}:"] + body + [f"subs {counter}, {counter}, #1", f"b.ne {label}"])
 
 
+def _pipeline(steps, double_buffered):
+    """Emit ``steps`` = [(loads, compute)] with step p+1's loads interleaved into step p's
+    compute (one load after each compute instruction), so an in-order core issues them in the
+    shadow of the multiplies instead of stalling on load-to-use latency. Only valid when step
+    p+1 loads into registers step p does not read (``double_buffered``); else sequential."""
+    if not double_buffered:
+        return [ins for loads, comp in steps for ins in loads + comp]
+    out = list(steps[0][0])
+    for p, (_, comp) in enumerate(steps):
+        nxt = list(steps[p + 1][0]) if p + 1 < len(steps) else []
+        for ins in comp:
+            out.append(ins)
+            if nxt:
+                out.append(nxt.pop(0))
+        out += nxt
+    return out
+
+
 def _gen_smlal(mr, nr, kp, requant):
     # registers: A rows v0.., B columns next, int16 temps, int32 accumulators v(32-4MR)..v31
     a = list(range(mr))
@@ -175,14 +196,26 @@ def _gen_smlal(mr, nr, kp, requant):
     acc = [[32 - 4 * mr + 4 * m + n for n in range(4)] for m in range(mr)]
     temps = list(range(mr + 4, 32 - 4 * mr))
     pro = [f"movi v{r}.4s, #0" for row in acc for r in row] + [f"mov x4, #{kp // 16}"]
-    body = _ld1(a, "16b", "x0") + _ld1(b, "16b", "x1")
     pairs = [(m, n) for m in range(mr) for n in range(4)]
-    # chunks of len(temps) independent pairs: SMULL all, SMLAL2 all, SADALP all (latency hiding)
+    steps, loaded = [], set()
+    # chunks of len(temps) independent pairs: SMULL all, SMLAL2 all, SADALP all (latency
+    # hiding); a chunk's operand rows are loaded (single-register LD1) during the previous chunk
     for c in range(0, len(pairs), len(temps)):
         chunk = list(zip(pairs[c:c + len(temps)], temps))
-        body += [f"smull v{t}.8h, v{a[m]}.8b, v{b[n]}.8b" for (m, n), t in chunk]
-        body += [f"smlal2 v{t}.8h, v{a[m]}.16b, v{b[n]}.16b" for (m, n), t in chunk]
-        body += [f"sadalp v{acc[m][n]}.4s, v{t}.8h" for (m, n), t in chunk]
+        loads = []
+        for (m, n), _ in chunk:
+            for reg, ptr in ((a[m], "x0"), (b[n], "x1")):
+                if reg not in loaded:
+                    loaded.add(reg)
+                    loads.append((reg, ptr))
+        # A rows and B columns are consecutive in their panels: keep each stream's order
+        loads = sorted(loads, key=lambda rp: (rp[1], rp[0]))
+        loads = [f"ld1 {{v{r}.16b}}, [{ptr}], #16" for r, ptr in loads]
+        comp = [f"smull v{t}.8h, v{a[m]}.8b, v{b[n]}.8b" for (m, n), t in chunk]
+        comp += [f"smlal2 v{t}.8h, v{a[m]}.16b, v{b[n]}.16b" for (m, n), t in chunk]
+        comp += [f"sadalp v{acc[m][n]}.4s, v{t}.8h" for (m, n), t in chunk]
+        steps.append((loads, comp))
+    body = _pipeline(steps, True)   # later chunks load registers earlier chunks do not read
     # epilogue: each accumulator holds 4 partial sums over k; ADDP twice gives one row of 4
     epi, t0, t1 = [], temps[0], temps[1]
     for m in range(mr):
@@ -200,11 +233,13 @@ def _gen_sdot(mr, nr, kp, unroll, requant):
     nacc = mr * rb
     acc = [[32 - nacc + i * rb + j for j in range(rb)] for i in range(mr)]
     pro = [f"movi v{r}.4s, #0" for row in acc for r in row] + [f"mov x4, #{kp // (4 * unroll)}"]
-    body = _ld1(sum(a, []), "16b", "x0") + _ld1(sum(b, []), "16b", "x1")
-    for s in range(unroll):
-        for i in range(mr):
-            for j in range(rb):
-                body.append(f"sdot v{acc[i][j]}.4s, v{b[s][j]}.16b, v{a[s][i // 4]}.4b[{i % 4}]")
+    steps = []
+    for s in range(unroll):   # each k-step has its own registers: the next one loads meanwhile
+        loads = _ld1(a[s], "16b", "x0") + _ld1(b[s], "16b", "x1")
+        comp = [f"sdot v{acc[i][j]}.4s, v{b[s][j]}.16b, v{a[s][i // 4]}.4b[{i % 4}]"
+                for i in range(mr) for j in range(rb)]
+        steps.append((loads, comp))
+    body = _pipeline(steps, True)
     epi = _store([r for row in acc for r in row], nr, requant)
     return pro, [("loop", "sdot_k", body, kp // (4 * unroll))], epi
 
@@ -212,20 +247,21 @@ def _gen_sdot(mr, nr, kp, unroll, requant):
 def _gen_int7(mr, nr, kp, acc_n, requant):
     acc = [[32 - 2 * mr + 2 * m, 33 - 2 * mr + 2 * m] for m in range(mr)]   # cols 0-3, 4-7
     t16 = [[32 - 4 * mr + 2 * m, 33 - 4 * mr + 2 * m] for m in range(mr)]
-    vb = [0, 1]
-    bc = list(range(2, min(32 - 4 * mr, 10)))      # rotating LD1R broadcast registers
+    free = list(range(32 - 4 * mr))
+    sets = 2 if len(free) >= 2 * (mr + 1) else 1   # double-buffer B and the A broadcasts
     pro = [f"movi v{r}.4s, #0" for row in acc for r in row] + [f"mov x4, #{kp // (2 * acc_n)}"]
-    body, q = [], 0
+    steps = []
     for p in range(acc_n):                          # one k-pair: one product per int16 lane
-        rb = vb[p % 2]
-        body.append(f"ld1 {{v{rb}.16b}}, [x1], #16")
+        regs = free[(p % sets) * (mr + 1):(p % sets + 1) * (mr + 1)]
+        rb, bc = regs[0], regs[1:]
+        loads = [f"ld1 {{v{rb}.16b}}, [x1], #16"] + [f"ld1r {{v{r}.8h}}, [x0], #2" for r in bc]
         op, op2 = ("smull", "smull2") if p == 0 else ("smlal", "smlal2")
+        comp = []
         for m in range(mr):
-            r = bc[q % len(bc)]
-            q += 1
-            body += [f"ld1r {{v{r}.8h}}, [x0], #2",
-                     f"{op} v{t16[m][0]}.8h, v{rb}.8b, v{r}.8b",
-                     f"{op2} v{t16[m][1]}.8h, v{rb}.16b, v{r}.16b"]
+            comp += [f"{op} v{t16[m][0]}.8h, v{rb}.8b, v{bc[m]}.8b",
+                     f"{op2} v{t16[m][1]}.8h, v{rb}.16b, v{bc[m]}.16b"]
+        steps.append((loads, comp))
+    body = _pipeline(steps, sets == 2)
     for m in range(mr):  # adjacent int16 lanes = the two k of one column: SADALP sums them
         body += [f"sadalp v{acc[m][0]}.4s, v{t16[m][0]}.8h",
                  f"sadalp v{acc[m][1]}.4s, v{t16[m][1]}.8h"]
@@ -233,22 +269,36 @@ def _gen_int7(mr, nr, kp, acc_n, requant):
     return pro, [("loop", "int7_seg", body, kp // (2 * acc_n))], epi
 
 
-def _gen_mla(mr, nr, kp, acc_n, requant):
+def _gen_mla(mr, nr, kp, acc_n, seg_per_iter, requant):
     acc32 = [[32 - 4 * mr + 4 * m + c for c in range(4)] for m in range(mr)]
     acc16 = [[32 - 6 * mr + 2 * m, 33 - 6 * mr + 2 * m] for m in range(mr)]
     acc8 = [32 - 7 * mr + m for m in range(mr)]
-    bc = list(range(1, 32 - 7 * mr))[:4]
-    seg, q = [], 0
-    for p in range(acc_n):
-        seg.append("ld1 {v0.16b}, [x1], #16")
-        for m in range(mr):
-            r = bc[q % len(bc)]
-            q += 1
+    free = list(range(32 - 7 * mr))
+    sets = 2 if len(free) >= 2 * (mr + 1) else 1
+    steps = []
+    for s in range(seg_per_iter):
+        for p in range(acc_n):
+            q = s * acc_n + p
             op = "mul" if p == 0 else "mla"    # MUL starts the int8 segment: no zeroing needed
-            seg += [f"ld1r {{v{r}.16b}}, [x0], #1", f"{op} v{acc8[m]}.16b, v0.16b, v{r}.16b"]
-    for m in range(mr):
-        seg += [f"saddw v{acc16[m][0]}.8h, v{acc16[m][0]}.8h, v{acc8[m]}.8b",
-                f"saddw2 v{acc16[m][1]}.8h, v{acc16[m][1]}.8h, v{acc8[m]}.16b"]
+            if len(free) < mr + 1:   # too few registers for every row's broadcast: reuse them
+                rb, bc = free[0], free[1:]
+                loads, comp = [f"ld1 {{v{rb}.16b}}, [x1], #16"], []
+                for m in range(mr):
+                    r = bc[(q * mr + m) % len(bc)]
+                    comp += [f"ld1r {{v{r}.16b}}, [x0], #1",
+                             f"{op} v{acc8[m]}.16b, v{rb}.16b, v{r}.16b"]
+            else:
+                regs = free[(q % sets) * (mr + 1):(q % sets + 1) * (mr + 1)]
+                rb, bc = regs[0], regs[1:]
+                loads = [f"ld1 {{v{rb}.16b}}, [x1], #16"] + \
+                    [f"ld1r {{v{r}.16b}}, [x0], #1" for r in bc]
+                comp = [f"{op} v{acc8[m]}.16b, v{rb}.16b, v{bc[m]}.16b" for m in range(mr)]
+            if p == acc_n - 1:   # segment done: widen the int8 lanes into int16
+                for m in range(mr):
+                    comp += [f"saddw v{acc16[m][0]}.8h, v{acc16[m][0]}.8h, v{acc8[m]}.8b",
+                             f"saddw2 v{acc16[m][1]}.8h, v{acc16[m][1]}.8h, v{acc8[m]}.16b"]
+            steps.append((loads, comp))
+    seg = _pipeline(steps, sets == 2)
     widen = []
     for m in range(mr):
         for h in range(2):
@@ -256,15 +306,16 @@ def _gen_mla(mr, nr, kp, acc_n, requant):
                       f"saddw2 v{acc32[m][2 * h + 1]}.4s, v{acc32[m][2 * h + 1]}.4s, "
                       f"v{acc16[m][h]}.8h"]
     zero16 = [f"movi v{r}.8h, #0" for row in acc16 for r in row]
-    segments = kp // acc_n
-    full, rest = divmod(segments, _WIDEN_EVERY)
+    iters = kp // (acc_n * seg_per_iter)
+    group = _WIDEN_EVERY // seg_per_iter          # loop iterations per int16 -> int32 widening
+    full, rest = divmod(iters, group)
     pro = [f"movi v{r}.4s, #0" for row in acc32 for r in row] + zero16
     parts = []
     if full:
         pro.append(f"mov x5, #{full}")
         parts.append(("asm", "outer:"))
-        parts.append(("once", f"mov x4, #{_WIDEN_EVERY}", full))
-        parts.append(("loop", "mla_seg", seg, _WIDEN_EVERY * full))
+        parts.append(("once", f"mov x4, #{group}", full))
+        parts.append(("loop", "mla_seg", seg, group * full))
         parts.append(("once", widen + zero16 + ["subs x5, x5, #1", "b.ne outer"], full))
     if rest:
         parts.append(("once", f"mov x4, #{rest}", 1))
@@ -290,7 +341,12 @@ def generate_kernel(kernel: str, k: int, *, tile=None, bits=None, accumulations=
 
 @lru_cache(maxsize=128)
 def _generate(kernel, mr, nr, k, bits, acc_n, unroll, requant):
-    kstep = {"smlal": 16, "sdot": 4 * unroll, "int7": 2 * (acc_n or 0), "mla-lowbit": acc_n}[kernel]
+    # mla-lowbit: short segments are unrolled to >= 4 products per iteration (so the next
+    # step's loads can overlap); 256 (the widening period) stays a multiple of it
+    seg_per_iter = 1 if kernel != "mla-lowbit" else next(d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+                                                         if d * acc_n >= 4)
+    kstep = {"smlal": 16, "sdot": 4 * unroll, "int7": 2 * (acc_n or 0),
+             "mla-lowbit": (acc_n or 0) * seg_per_iter}[kernel]
     kp = -(-k // kstep) * kstep
     if kernel == "smlal":
         pro, parts, epi = _gen_smlal(mr, nr, kp, requant)
@@ -299,7 +355,7 @@ def _generate(kernel, mr, nr, k, bits, acc_n, unroll, requant):
     elif kernel == "int7":
         pro, parts, epi = _gen_int7(mr, nr, kp, acc_n, requant)
     else:
-        pro, parts, epi = _gen_mla(mr, nr, kp, acc_n, requant)
+        pro, parts, epi = _gen_mla(mr, nr, kp, acc_n, seg_per_iter, requant)
     head = [f"// {kernel} micro-kernel: {mr}x{nr} int32 tile, K = {kp} (K-step {kstep}), "
             f"{bits}-bit operands" + (", requantised to int8" if requant else ""),
             "// x0: packed A panel, x1: packed B panel, x2: output tile"

@@ -7,9 +7,11 @@
   two per cycle, each when its source operands are ready (RAW) and its pipelines are free; a
   Q-form (128-bit) vector instruction takes both 64-bit vector pipes and may only issue in the
   first slot of a pair (Cortex-A55 SWOG 3.1 dual-issue rules; LLVM's AArch64SchedA55.td encodes
-  the same as ``BeginGroup`` on its ``WriteVq`` resources). Stall causes: ``"operand"`` (waiting
-  for a source), ``"pipe"`` (pipeline busy), ``"issue_width"`` (could not pair with the
-  previous instruction: slot full or slot rule).
+  the same as ``BeginGroup`` on its ``WriteVq`` resources); a 128-bit vector load issues alone
+  and holds issue for its two 64-bit load-path cycles (measured by ncnn and onnxruntime, cited
+  at the A55 table). Stall causes: ``"operand"`` (waiting for a source), ``"pipe"`` (pipeline
+  busy, or issue held by a 128-bit load), ``"issue_width"`` (could not pair with the previous
+  instruction: slot full or slot rule).
 * **out-of-order** (Cortex-A72, Cortex-A76): in-order dispatch of ``dispatch`` instructions per
   cycle into a ``window``-entry reorder buffer, register renaming (no WAR/WAW stalls); each
   micro-op issues at the earliest cycle its operands are ready and a pipeline of its kind is
@@ -26,7 +28,10 @@ latency (late forwarding of the accumulator).
 
 Wiring into the interpreter: create ``Timer(core)`` once per run and call ``timer.step(ins)``
 for every executed :class:`~refimpl.neon.asm.Instruction`, in dynamic order (after or before
-executing it; only the operands are used).
+executing it; only the operands are used, never register values), then read ``timer.cycles``
+and ``timer.stalls``. Steady-state figures for a loop body: :func:`steady_state_cycles`; the
+same with llvm-mca-19: :func:`llvm_mca_steady_state`; representative loops and the comparison
+table: :mod:`refimpl.neon.loops`.
 """
 from __future__ import annotations
 

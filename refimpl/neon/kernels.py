@@ -54,7 +54,9 @@ lane wraps (SMLAL's MIN*MIN pairs; int16/int8 segment sums when ``accumulations`
 safe count), then int32 wrap. Cycles: tiles x (straight-line parts timed once with
 :class:`~refimpl.neon.timing.Timer` + loop iterations x
 :func:`~refimpl.neon.timing.steady_state_cycles` of the loop body). Trace (``trace=True``):
-packs into a :class:`~refimpl.neon.Machine`'s memory and runs the kernel per tile.
+packs into a :class:`~refimpl.neon.Machine`'s memory and runs the kernel per tile; cycles are
+the sum of the runs' ``RunStats.cycles``. Both count every tile of the padded problem (a
+partial edge tile costs a full one, as it would on the core).
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ import numpy as np
 
 from .asm import parse
 from .machine import CORE_FEATURES, CORES, FEATURES, INSTRUCTION_FEATURES, FeatureError, Machine
+from .timing import Timer, steady_state_cycles
 
 __all__ = ["KERNELS", "GemmResult", "KernelProgram", "generate_kernel", "run_gemm",
            "requantize_reference", "quantize_multiplier", "pack_a", "pack_b"]
@@ -614,14 +617,9 @@ def _fast_result(prog, a, b):
 
 
 # ---- cycles -----------------------------------------------------------------------------------
-def _timing():
-    from . import timing   # refimpl.neon.timing: Timer, steady_state_cycles
-    return timing
-
-
 @lru_cache(maxsize=1024)
 def _once_cycles(text, core):
-    t = _timing().Timer(core)
+    t = Timer(core)
     for ins in parse(text):
         t.step(ins)
     return float(t.cycles)
@@ -629,7 +627,7 @@ def _once_cycles(text, core):
 
 @lru_cache(maxsize=1024)
 def _loop_cycles(text, core):
-    return float(_timing().steady_state_cycles(text, core))
+    return float(steady_state_cycles(text, core))
 
 
 def tile_cycles(prog: KernelProgram, core: str) -> float:
@@ -642,20 +640,6 @@ def tile_cycles(prog: KernelProgram, core: str) -> float:
 
 
 # ---- trace ------------------------------------------------------------------------------------
-class _TimedMachine(Machine):
-    """Machine stepping a Timer over each executed instruction (used when RunStats has no
-    cycles of its own)."""
-
-    def __init__(self, core, mem_size):
-        super().__init__(core, mem_size)
-        self.timer = None
-
-    def _exec(self, ins):
-        if self.timer is not None:
-            self.timer.step(ins)
-        return super()._exec(ins)
-
-
 def _trace(prog, a, b, rq, core):
     mt, nt = -(-a.shape[0] // prog.mr), -(-b.shape[1] // prog.nr)
     g = _GROUP[prog.kernel]
@@ -669,7 +653,7 @@ def _trace(prog, a, b, rq, core):
         size += arr.size
     offs["c"] = size
     size += mt * nt * out_bytes
-    m = _TimedMachine(core, size + 64)
+    m = Machine(core, size + 64)
     m.mem[offs["a"]:offs["a"] + pa.size] = pa.ravel()
     m.mem[offs["b"]:offs["b"] + pb.size] = pb.ravel()
     m.mem[offs["p"]:offs["p"] + params.size] = params.ravel()
@@ -680,19 +664,9 @@ def _trace(prog, a, b, rq, core):
             m.x[1] = offs["b"] + j * pb.shape[1]
             m.x[2] = offs["c"] + (i * nt + j) * out_bytes
             m.x[3] = offs["p"] + j * params.shape[1]
-            m.timer = None
-            try:
-                m.timer = _timing().Timer(core)
-            except ImportError:
-                pass
             stats = m.run(prog.asm)
             instructions += stats.instructions
-            if getattr(stats, "cycles", None) is not None:
-                cycles += float(stats.cycles)      # Machine's own timing, once wired
-            elif m.timer is not None:
-                cycles += float(m.timer.cycles)
-            else:
-                cycles = float("nan")
+            cycles += float(stats.cycles)          # the Machine's Timer for its core
     raw = m.mem[offs["c"]:offs["c"] + mt * nt * out_bytes]
     dt = np.int8 if prog.requant else np.dtype("<i4")
     tiles = raw.view(dt).reshape(mt, nt, prog.mr, prog.nr)
@@ -764,9 +738,6 @@ def run_gemm(A, B, kernel: str = "sdot", core: str = "cortex-a55", bits=None, tr
         c = _fast_result(prog, a, b)
         if rq is not None:
             c = requantize_reference(c, *rq)
-        try:
-            cycles = tiles * tile_cycles(prog, core)
-        except ImportError:
-            cycles = float("nan")
+        cycles = tiles * tile_cycles(prog, core)
         instructions = tiles * prog.instructions
     return GemmResult(c, cycles, instructions, macs, prog.asm, prog, tiles)

@@ -6,7 +6,7 @@
 * **in-order dual-issue** (Cortex-A53, Cortex-A55): instructions issue in program order, up to
   two per cycle, each when its source operands are ready (RAW) and its pipelines are free; a
   Q-form (128-bit) vector instruction takes both 64-bit vector pipes and may only issue in the
-  first slot of a pair (Cortex-A55 SWOG 3.1 dual-issue rules; LLVM's AArch64SchedA55.td encodes
+  first slot of a pair (Cortex-A55 SWOG, dual-issue rules; LLVM's AArch64SchedA55.td encodes
   the same as ``BeginGroup`` on its ``WriteVq`` resources); a 128-bit vector load issues alone
   and holds issue for its two 64-bit load-path cycles (measured by ncnn and onnxruntime, cited
   at the A55 table). Stall causes: ``"operand"`` (waiting for a source), ``"pipe"`` (pipeline
@@ -266,10 +266,11 @@ def _a55_q(lat, acc=None):  # rows whose operation is 128-bit wide in every form
 
 
 A55_ROWS = {
-    # Cortex-A55 Software Optimization Guide (ARM-EPM-128372 v3.0), section 3 tables:
-    # 3.3 integer ALU (1 cycle with forwarding, 2 pipes), 3.8 loads (L1 hit 3 cycles; the load
-    # path is 64-bit, so a Q-form load takes 2 cycles of the pipe), 3.9 stores, 3.1 branch;
-    # 3.15 "Advanced SIMD integer": arith basic 2, arith pairwise/long/complex 3, pairwise add
+    # Cortex-A55 Software Optimization Guide (ARM-EPM-128372 v3.0), instruction tables (cited
+    # by table title; section numbers are not re-checked here except 4.15, which LLVM's
+    # AArch64SchedA55.td quotes): integer ALU (1 cycle with forwarding, 2 pipes), loads (L1
+    # hit 3 cycles; the load path is 64-bit, so a Q-form load takes 2 cycles of the pipe),
+    # stores, branch; 4.15 "Advanced SIMD integer instructions": arith basic 2, arith pairwise/long/complex 3, pairwise add
     # accumulate 4, reduce 3, max/min 2, multiply (incl. SQ(R)DMULH) 4, multiply accumulate
     # (long) 4(1), dot product 4, shift by immediate basic 2, rounding shift (immediate and
     # register) 3, saturating narrow 4, narrow (XTN) 2, move/dup/insert/extract 2, dup and
@@ -302,8 +303,10 @@ _A55_FWD = _fwd({"mla", "mlal", "mul", "mull"})
 CORE_MODELS: dict[str, CoreModel] = {}
 CORE_MODELS["cortex-a55"] = _InOrder64(
     "cortex-a55", "inorder", 2, 0, A55_ROWS, ("I0|I1",), _A55_FWD, block_wide_loads=True,
-    source="Arm Cortex-A55 Software Optimization Guide v3.0 (ARM-EPM-128372), sections 3.1 "
-           "(dual issue), 3.3, 3.8-3.9, 3.15; accumulate forwarding as in Arm's SLOTHY A55 model")
+    source="Arm Cortex-A55 Software Optimization Guide v3.0 (ARM-EPM-128372): dual-issue "
+           "rules, integer/load/store/branch tables, 4.15 Advanced SIMD integer; accumulate "
+           "forwarding as in Arm's SLOTHY A55 model; 128-bit load blocking as measured by ncnn "
+           "and onnxruntime")
 
 CORE_MODELS["cortex-a53"] = _InOrder64(
     # No Arm software optimization guide exists for Cortex-A53. We use the A55 figures (A55 is
@@ -320,18 +323,18 @@ CORE_MODELS["cortex-a53"] = _InOrder64(
 
 _F = "F0|F1"
 A72_ROWS = {
-    # Cortex-A72 Software Optimization Guide (ARM UAN 0016A), section 3.3 integer ALU (1, I0/I1),
-    # 3.8 loads (4, L), 3.9 stores (S), 3.1 branch (B); 3.14 "ASIMD integer instructions":
+    # Cortex-A72 Software Optimization Guide (ARM UAN 0016A), instruction tables (by title):
+    # integer ALU (1, I0/I1), loads (4, L), stores (S), branch (B); "ASIMD Integer Instructions":
     # arith basic / pairwise / long / max-min 3 (F0/F1); reduce 4 (F1); multiply (incl.
     # SQ(R)DMULH) D 4, Q 5 at 1/2 per cycle (F0); multiply accumulate D 4(1), Q 5(2) at 1/2 (F0);
     # multiply (accumulate) long 4(1) (F0); pairwise add and accumulate long 4(1) (F1);
     # shift by immediate basic 3, complex (rounding) 4 (F1); shift by register complex D 4,
     # Q 5 at 1/2 (F1); saturating narrow 4 (F1); narrow, move immediate, dup/ext/insert
     # element 3 (F0/F1); dup / insert from general register 8 (L + F0/F1); element to general
-    # register 5 (L). 3.17 "ASIMD load": LD1 1-2 registers 5, 3-4 registers 6, one L micro-op
+    # register 5 (L). "ASIMD Load Instructions": LD1 1-2 registers 5, 3-4 registers 6, one L micro-op
     # per register; LD1R 8 (L + F0/F1); writeback +1 micro-op on I0/I1.
-    # Multiply-accumulate late forwarding: the guide's footnote to 3.14 (accumulate latency in
-    # parentheses, from similar micro-ops).
+    # Multiply-accumulate late forwarding: the guide's note to the ASIMD integer table
+    # (accumulate latency in parentheses, from similar micro-ops).
     "int": (_e(1, ("I0|I1", 1)),) * 2,
     "branch": (_e(1, ("B", 1)),) * 2,
     "alu": (_e(3, (_F, 1)),) * 2, "minmax": (_e(3, (_F, 1)),) * 2,
@@ -356,14 +359,15 @@ CORE_MODELS["cortex-a72"] = _OoO(
     "cortex-a72", "ooo", 3, 128, A72_ROWS, ("I0|I1",),
     _fwd({"mla"}, {"mlal"}, {"adalp"}),
     absent={"dot": "Cortex-A72 implements ARMv8.0-A, which has no dot-product instructions"},
-    source="Arm Cortex-A72 Software Optimization Guide (UAN 0016A), sections 2.1 (3-wide "
-           "dispatch), 3.1, 3.3, 3.8-3.9, 3.14, 3.17")
+    source="Arm Cortex-A72 Software Optimization Guide (UAN 0016A): pipeline overview (3-wide "
+           "decode/dispatch), integer, load/store, branch, ASIMD integer and ASIMD load tables")
 
 _VV = "V0|V1"
 A76_ROWS = {
-    # Cortex-A76 Software Optimization Guide, section 3 tables; the ASIMD integer and ASIMD load
-    # rows are those of its derivative's guide (Arm Neoverse N1 SWOG, sections 3.13 and 3.16),
-    # as LLVM's AArch64SchedNeoverseN1.td encodes them: integer ALU 1 (I0/I1/M); branch (B);
+    # Cortex-A76 Software Optimization Guide, instruction tables; the ASIMD integer and ASIMD
+    # load rows are those of its derivative's guide (Arm Neoverse N1 SWOG, "ASIMD integer
+    # instructions" and "ASIMD load instructions"), as LLVM's AArch64SchedNeoverseN1.td
+    # encodes them: integer ALU 1 (I0/I1/M); branch (B);
     # ASIMD arith basic / pairwise / long / max-min / move / dup / ext / insert element / narrow
     # 2 (V0/V1); reduce 4H/4S 3 (V1); multiply D 4 (V0), Q 5 at 1/2 (V0); multiply accumulate
     # D 4(1), Q 5(2) at 1/2 (V0); multiply (accumulate) long 4(1) (V0); dot product 2 (V0/V1);
@@ -397,9 +401,9 @@ A76_ROWS = {
 CORE_MODELS["cortex-a76"] = _OoO(
     "cortex-a76", "ooo", 4, 128, A76_ROWS, ("I0|I1|M",),
     _fwd({"mla"}, {"mlal"}, {"adalp"}),
-    source="Arm Cortex-A76 Software Optimization Guide, sections 2 (4-wide decode/dispatch, "
-           "128-entry ROB) and 3; ASIMD rows as in the Neoverse N1 SWOG (LLVM "
-           "AArch64SchedNeoverseN1.td)")
+    source="Arm Cortex-A76 Software Optimization Guide: pipeline overview (4-wide decode/"
+           "dispatch, 128-entry ROB) and instruction tables; ASIMD rows as in the Neoverse N1 "
+           "SWOG (LLVM AArch64SchedNeoverseN1.td)")
 
 
 # ---- the timer -------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def main():
         got = ours().result
         # == numpy's matmul (smlal could differ only where MIN*MIN pairs wrap: documented)
         exact = np.array_equal(got, ref())
-        print(f"{kernel:<14}{bits:>5}{t_ours:12.4f}{t_ref:10.4f}{t_ours / t_ref:8.2f}  {exact!s:<6} "
+        print(f"{kernel:<14}{bits:>5}{t_ours:12.4f}{t_ref:10.4f}{t_ours / t_ref:8.2f}  "
+              f"{exact!s:<6} "
               + "  ".join(f"{p:>{len(c) + 8}}" for p, c in zip(per_core, CORES)))
 
 

@@ -101,7 +101,8 @@ class KernelProgram:
     kstep: int           # k values consumed per loop iteration
     k_padded: int
     bits: int
-    accumulations: int   # products per narrow lane before widening (2 for smlal, K-step/4 sdot)
+    accumulations: int   # products per narrow lane before widening (2 smlal; sdot: 4, SDOT's
+    #                      dot length into an int32 lane, nothing narrow)
     requant: bool
     asm: str
     account: tuple = field(repr=False)
@@ -346,8 +347,8 @@ def generate_kernel(kernel: str, k: int, *, tile=None, bits=None, accumulations=
 def _generate(kernel, mr, nr, k, bits, acc_n, unroll, requant):
     # mla-lowbit: short segments are unrolled to >= 4 products per iteration (so the next
     # step's loads can overlap); 256 (the widening period) stays a multiple of it
-    seg_per_iter = 1 if kernel != "mla-lowbit" else next(d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256)
-                                                         if d * acc_n >= 4)
+    seg_per_iter = 1 if kernel != "mla-lowbit" else \
+        next(d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) if d * acc_n >= 4)
     kstep = {"smlal": 16, "sdot": 4 * unroll, "int7": 2 * (acc_n or 0),
              "mla-lowbit": (acc_n or 0) * seg_per_iter}[kernel]
     kp = -(-k // kstep) * kstep
@@ -381,7 +382,7 @@ def _generate(kernel, mr, nr, k, bits, acc_n, unroll, requant):
             account.append(("once", "\n".join(lines + tail), n))
     text += epi
     account.append(("once", "\n".join(epi), 1))
-    acc_report = {"smlal": 2, "sdot": 4 * unroll, "int7": acc_n, "mla-lowbit": acc_n}[kernel]
+    acc_report = {"smlal": 2, "sdot": 4, "int7": acc_n, "mla-lowbit": acc_n}[kernel]
     return KernelProgram(kernel, mr, nr, kstep, kp, bits, acc_report, requant,
                          "\n".join(text) + "\n", tuple(account))
 
@@ -553,7 +554,8 @@ def pack_b(b: np.ndarray, nr: int, kp: int, group: int) -> np.ndarray:
     """Pack B (K, N) int8 into (N/NR, K/g * NR * g) uint8 panels: [k-group][column][g]."""
     np_ = -(-b.shape[1] // nr) * nr
     bp = _pad(b, kp, np_).view(np.uint8)
-    return bp.reshape(kp // group, group, np_ // nr, nr).transpose(2, 0, 3, 1).reshape(np_ // nr, -1)
+    panels = bp.reshape(kp // group, group, np_ // nr, nr).transpose(2, 0, 3, 1)
+    return panels.reshape(np_ // nr, -1)
 
 
 def _pack_params(rq, nr, nt):

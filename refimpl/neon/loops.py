@@ -194,10 +194,6 @@ MARKED: dict[tuple[str, str], str] = {
         "LLVM's Neoverse N1 model has no row for MLA .16b (MLAv16i8 falls to the 2-cycle "
         "any-V-pipe default); we use the guide's Q-form multiply-accumulate row, 5(2) at "
         "1/2 per cycle on V0",
-    ("micro_ld_d_smlal", "cortex-a72"):
-        "llvm-mca's A57 model dispatches 3 micro-ops per cycle and a post-indexed LD1 is 2 "
-        "(8 micro-ops -> 2.67 cycles); we dispatch 3 instructions per cycle (A72 SWOG pipeline "
-        "overview)",
     ("sdot_tile", "cortex-a72"):
         "not applicable: Cortex-A72 is ARMv8.0-A without SDOT (our model raises ValueError; "
         "llvm-mca's A57 model times it only because -mattr=+dotprod is forced)",

@@ -12,8 +12,9 @@
   at the A55 table). Stall causes: ``"operand"`` (waiting for a source), ``"pipe"`` (pipeline
   busy, or issue held by a 128-bit load), ``"issue_width"`` (could not pair with the previous
   instruction: slot full or slot rule).
-* **out-of-order** (Cortex-A72, Cortex-A76): in-order dispatch of ``dispatch`` instructions per
-  cycle into a ``window``-entry reorder buffer, register renaming (no WAR/WAW stalls); each
+* **out-of-order** (Cortex-A72, Cortex-A76): in-order dispatch of ``width`` instructions and
+  ``uop_width`` micro-ops per cycle (a post-indexed access is one more micro-op, the base
+  writeback) into a ``window``-entry reorder buffer, register renaming (no WAR/WAW stalls); each
   micro-op issues at the earliest cycle its operands are ready and a pipeline of its kind is
   free, older micro-ops claiming pipeline slots first; in-order retirement. Stall causes:
   ``"operand"``, ``"pipe"``, ``"issue_width"`` (dispatch group full), ``"window"`` (ROB full).
@@ -201,6 +202,7 @@ class CoreModel:
     source: str = ""
     single_issue: frozenset = frozenset()
     block_wide_loads: bool = False
+    uop_width: int = 0     # out-of-order: micro-ops dispatched per cycle (0: no limit)
 
     def entry(self, ins: Instruction) -> Entry:
         try:
@@ -356,11 +358,14 @@ A72_ROWS = {
     "st1": (_e(1, ("S", 1)), _e(1, ("S", 1))),
 }
 CORE_MODELS["cortex-a72"] = _OoO(
+    # A72 SWOG 4.1 "Dispatch constraints": up to three micro-ops per cycle (quoted in Arm's
+    # SLOTHY A72 model); decode is 3 instructions per cycle
     "cortex-a72", "ooo", 3, 128, A72_ROWS, ("I0|I1",),
-    _fwd({"mla"}, {"mlal"}, {"adalp"}),
+    _fwd({"mla"}, {"mlal"}, {"adalp"}), uop_width=3,
     absent={"dot": "Cortex-A72 implements ARMv8.0-A, which has no dot-product instructions"},
     source="Arm Cortex-A72 Software Optimization Guide (UAN 0016A): pipeline overview (3-wide "
-           "decode/dispatch), integer, load/store, branch, ASIMD integer and ASIMD load tables")
+           "decode; 4.1 dispatch constraints: 3 micro-ops per cycle), integer, load/store, "
+           "branch, ASIMD integer and ASIMD load tables")
 
 _VV = "V0|V1"
 A76_ROWS = {
@@ -399,8 +404,9 @@ A76_ROWS = {
     "st1": (_e(2, ("L0|L1", 1)), _e(2, ("L0|L1", 1))),
 }
 CORE_MODELS["cortex-a76"] = _OoO(
+    # A76 SWOG dispatch constraints: 4 instructions (decode width), up to 8 micro-ops per cycle
     "cortex-a76", "ooo", 4, 128, A76_ROWS, ("I0|I1|M",),
-    _fwd({"mla"}, {"mlal"}, {"adalp"}),
+    _fwd({"mla"}, {"mlal"}, {"adalp"}), uop_width=8,
     source="Arm Cortex-A76 Software Optimization Guide: pipeline overview (4-wide decode/"
            "dispatch, 128-entry ROB) and instruction tables; ASIMD rows as in the Neoverse N1 "
            "SWOG (LLVM AArch64SchedNeoverseN1.td)")
@@ -428,6 +434,7 @@ class Timer:
         self._reg: dict[str, tuple] = {}
         self._cur = 0          # in-order: current issue cycle; ooo: current dispatch cycle
         self._used = 0         # instructions issued (dispatched) in the current cycle
+        self._used_uops = 0    # ooo: micro-ops dispatched in the current cycle
         self._free: dict[str, int] = {}          # in-order: pipe -> first free cycle
         self._busy: dict[str, set] = {}          # ooo: pipe -> busy cycles
         self._retire: list[int] = []             # ooo: retire cycles of the last `window`
@@ -551,7 +558,9 @@ class Timer:
     def _step_ooo(self, e, k, reads, writes, group, acc_reg, wb):
         m = self.model
         d = self._cur
-        if self._used >= m.width:
+        n_uops = len(e.uops) + (wb is not None)
+        if self._used >= m.width or (m.uop_width and self._used_uops
+                                     and self._used_uops + n_uops > m.uop_width):
             d += 1
             self.stalls["issue_width"] += 1
         if len(self._retire) >= m.window:
@@ -559,11 +568,20 @@ class Timer:
             if free_at > d:
                 self.stalls["window"] += free_at - d
                 d = free_at
+        if m.uop_width and n_uops > m.uop_width:
+            # more micro-ops than one dispatch group: the rest go in the following cycles
+            extra = (n_uops - 1) // m.uop_width
+            if d == self._cur and self._used_uops:
+                d += 1
+            d += extra
+            self.stalls["issue_width"] += extra
+            n_uops -= extra * m.uop_width
         if d != self._cur:
-            self._cur, self._used = d, 0
+            self._cur, self._used, self._used_uops = d, 0, 0
             for busy in self._busy.values():  # slots before dispatch can no longer be used
                 busy.difference_update([c for c in busy if c < d])
         self._used += 1
+        self._used_uops += n_uops
         t_op = max(d, self._ready(reads, acc_reg, group))
         if wb is not None:
             # base-only micro-ops (address + writeback) do not wait for stored data
@@ -599,7 +617,7 @@ class Timer:
         pipes = tuple(sorted((p, tuple(sorted(c - ref for c in b if c >= ref)))
                              for p, b in self._busy.items()))
         rob = tuple(max(r - ref, 0) for r in self._retire[-self.model.window:])
-        return (self._used, regs, pipes, rob, self.cycles - ref)
+        return (self._used, self._used_uops, regs, pipes, rob, self.cycles - ref)
 
 
 # ---- steady state ----------------------------------------------------------------------------

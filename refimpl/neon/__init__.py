@@ -11,10 +11,16 @@ raise :class:`FeatureError` before executing anything.
 from .asm import AsmError, Instruction, parse
 from .machine import (CORE_FEATURES, CORES, FEATURES, INSTRUCTION_FEATURES, FeatureError, Machine,
                       RunStats, lanes)
+from .kernels import KERNELS as GEMM_KERNELS
+from .kernels import (GemmResult, KernelProgram, generate_kernel, quantize_multiplier,
+                      requantize_reference, run_gemm)
+from .timing import Timer, steady_state_cycles
 
 __all__ = ["AsmError", "Instruction", "parse", "Machine", "RunStats", "CORES", "lanes",
            "max_accumulations", "CORE_FEATURES", "FEATURES", "INSTRUCTION_FEATURES",
-           "FeatureError"]
+           "FeatureError", "Timer", "steady_state_cycles", "run_gemm", "GemmResult",
+           "KernelProgram", "generate_kernel", "quantize_multiplier", "requantize_reference",
+           "GEMM_KERNELS"]
 
 
 def max_accumulations(a_bits: int, w_bits: int, acc_bits: int, *, a_signed: bool = True) -> int:

@@ -188,6 +188,16 @@ def test_stall_causes():
     assert t.stalls["issue_width"] == 1
 
 
+def test_ooo_dispatch_counts_micro_ops():
+    # A72 dispatches 3 micro-ops per cycle; a post-indexed load is 2 (load + writeback)
+    t = run("ld1 {v0.8b}, [x0], #8\nld1 {v1.8b}, [x1], #8", "cortex-a72")
+    assert t.stalls["issue_width"] == 1
+    t = run("ld1 {v0.8b}, [x0]\nld1 {v1.8b}, [x1]", "cortex-a72")
+    assert t.stalls["issue_width"] == 0
+    # A76: 4 instructions per cycle
+    assert run("\n".join(["add v0.4s, v1.4s, v2.4s"] * 5), "cortex-a76").stalls["issue_width"] == 1
+
+
 def test_renaming_no_war_waw_on_ooo():
     # v0 rewritten while an older reader waits: no stall beyond the chain on OoO cores
     body = "mul v1.4s, v2.4s, v3.4s\nadd v4.4s, v1.4s, v0.4s\nmovi v0.16b, #1\nmovi v1.16b, #2"

@@ -337,6 +337,11 @@ A72_ROWS = {
     # per register; LD1R 8 (L + F0/F1); writeback +1 micro-op on I0/I1.
     # Multiply-accumulate late forwarding: the guide's note to the ASIMD integer table
     # (accumulate latency in parentheses, from similar micro-ops).
+    # Provenance caveat: these rows were entered from the guide without re-reading the PDF in
+    # this project (it was not reachable here). They agree with llvm-mca-19's Cortex-A57 model
+    # (LLVM AArch64SchedA57.td, itself derived from the A57 guide, the A72's predecessor) on
+    # every compared loop except dsq_mla_int8 (-14 %): see refimpl.neon.loops and the chapter
+    # "Integer inference on ARM".
     "int": (_e(1, ("I0|I1", 1)),) * 2,
     "branch": (_e(1, ("B", 1)),) * 2,
     "alu": (_e(3, (_F, 1)),) * 2, "minmax": (_e(3, (_F, 1)),) * 2,

@@ -13,6 +13,7 @@ import statistics
 from .timing import llvm_mca_steady_state, steady_state_cycles
 
 __all__ = ["KERNELS", "MARKED", "COMPARED_CORES", "without_post_index", "compare_with_llvm_mca",
+           "GEMM_CONFIGS", "gemm_loops", "compare_recorded", "agreement_summary",
            "format_rows"]
 
 KERNELS: dict[str, str] = {
@@ -199,6 +200,30 @@ MARKED: dict[tuple[str, str], str] = {
         "llvm-mca's A57 model times it only because -mattr=+dotprod is forced)",
 }
 
+# the K loops of the generated GEMM kernels (refimpl.neon.kernels), named by gemm_loops()
+_MLA_LOWBIT = ("gemm:mla-lowbit:2b", "gemm:mla-lowbit:3b", "gemm:mla-lowbit:4b")
+MARKED.update({("gemm:int7", "cortex-a55"): _A55_ACC})
+MARKED.update({(name, "cortex-a55"): _A55_ACC for name in _MLA_LOWBIT})
+MARKED.update({(name, "cortex-a76"): MARKED["dsq_mla_int8", "cortex-a76"] for name in _MLA_LOWBIT})
+
+GEMM_CONFIGS = (("smlal", 8), ("sdot", 8), ("int7", 7), ("mla-lowbit", 2), ("mla-lowbit", 3),
+                ("mla-lowbit", 4))
+
+
+def gemm_loops(k: int = 576) -> dict[str, str]:
+    """K-loop bodies of the generated GEMM kernels (default tiles, depth ``k``), named
+    ``gemm:<kernel>`` (``gemm:mla-lowbit:<bits>b``); a kernel's identical loops appear once."""
+    from .kernels import generate_kernel   # kernels -> machine -> timing: no import cycle
+    loops = {}
+    for kernel, bits in GEMM_CONFIGS:
+        prog = generate_kernel(kernel, k, bits=bits)
+        bodies = list(dict.fromkeys(text for kind, text, _ in prog.account if kind == "loop"))
+        base = f"gemm:{kernel}" + (f":{bits}b" if kernel == "mla-lowbit" else "")
+        for i, text in enumerate(bodies):
+            loops[base + (f"#{i}" if i else "")] = text + "\n"
+    return loops
+
+
 _RE_POST = re.compile(r"^(\s*(?:ld1|ld1r|st1|ldr|str)\s+.*?)\[\s*(x\d+)\s*\]\s*,\s*(#?[-\w]+)\s*$",
                       re.IGNORECASE)
 
@@ -247,6 +272,35 @@ def compare_with_llvm_mca(kernels: dict[str, str] | None = None,
                 rows.append({"kernel": name, "core": core, "variant": variant, "ours": ours,
                              "mca": mca, "rel_err": err, "marked": reason})
     return rows
+
+
+_ARTEFACT = "llvm-mca A55 artefact: its model serialises the base writeback of post-indexed loads"
+
+
+def compare_recorded(record: dict) -> list[dict]:
+    """Rows of :func:`compare_with_llvm_mca` from recorded llvm-mca figures (the JSON written by
+    ``tools/record_llvm_mca.py``: ``record["rows"]`` with ``loop``, ``core``, ``variant``,
+    ``text``, ``mca``); ``ours`` is computed now by :func:`steady_state_cycles` on the same text.
+    Loop names are those of :data:`KERNELS` prefixed ``loop:``, or of :func:`gemm_loops`."""
+    rows = []
+    for r in record["rows"]:
+        name = r["loop"].split(":", 1)[1] if r["loop"].startswith("loop:") else r["loop"]
+        name = name.split("#")[0]      # a kernel's second loop shares the first one's marks
+        reason = "; ".join(x for x in (_ARTEFACT if r["variant"] == "post-index" else "",
+                                        MARKED.get((name, r["core"]), "")) if x)
+        ours = steady_state_cycles(r["text"], r["core"])
+        rows.append({"kernel": r["loop"], "core": r["core"], "variant": r["variant"],
+                     "ours": ours, "mca": r["mca"], "rel_err": (ours - r["mca"]) / r["mca"],
+                     "marked": reason})
+    return rows
+
+
+def agreement_summary(rows: list[dict]) -> dict:
+    """``{"pairs", "median", "max"}`` of |rel_err| over the unmarked rows (fractions)."""
+    errs = [abs(r["rel_err"]) for r in rows if not r["marked"] and r["rel_err"] is not None]
+    if not errs:
+        raise ValueError("rows has no unmarked pair with an error")
+    return {"pairs": len(errs), "median": statistics.median(errs), "max": max(errs)}
 
 
 def format_rows(rows: list[dict]) -> str:

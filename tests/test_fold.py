@@ -10,6 +10,16 @@ from refimpl.fold import bn_statistics, fold_all_bn, fold_bn
 from refimpl.models import ResNetCNN
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: one thread is as fast as two and does not collapse when another process
+    # holds a core (oversubscribed OpenMP threads made convolutions ~25x slower here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _randomize_bn(bn, gen):
     with torch.no_grad():
         bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen, dtype=bn.running_mean.dtype))

@@ -14,6 +14,16 @@ from refimpl.ptq import (bias_correction_analytic, bias_correction_empirical, cr
 from refimpl.quant import QuantSpec, fake_quant, qparams
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: one thread is as fast as two and does not collapse when another process
+    # holds a core (oversubscribed OpenMP threads made convolutions ~25x slower here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------

@@ -433,3 +433,67 @@ def test_bias_correction_errors():
         bias_correction_empirical(q, fp, torch.randn(2, 3, 8, 8), reference="other")
     with pytest.raises(ValueError, match="fp_model has no"):
         bias_correction_empirical(q, nn.Sequential(), torch.randn(2, 3, 8, 8))
+
+
+def test_cle_report_rescales_bn_statistics():
+    m = _chain_model()
+    cm, rep = cross_layer_equalization(m, return_report=True)
+    stats = bn_statistics(m)
+    new = rep.rescale_bn_statistics(stats)
+    f = fold_all_bn(m)
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    for name in ("c1", "dw"):
+        got = {}
+        for model, key in ((f, "fp"), (cm, "cle")):
+            h = model.get_submodule(name).register_forward_hook(lambda _m, _i, o, key=key: got.__setitem__(key, o))
+            model(x)
+            h.remove()
+        s = rep.output_scales[name]
+        # the equalized layer's pre-activation is the original one divided by s, channel by channel
+        torch.testing.assert_close(got["cle"], got["fp"] / s.reshape(-1, 1, 1), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(new[name][0], stats[name][0] / s)
+        torch.testing.assert_close(new[name][1], stats[name][1] / s)
+
+
+def _trained_like_resnet(seed=0):
+    """ResNetCNN whose BN running statistics are those of its own data (BN momentum=None)."""
+    torch.manual_seed(seed)
+    m = ResNetCNN(dims=2, width=8, num_blocks=2)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = None
+            with torch.no_grad():
+                mod.weight.uniform_(0.3, 2)
+                mod.bias.uniform_(-1, 1)
+    x = torch.randn(256, 1, 8, 8)
+    m.train()
+    with torch.no_grad():
+        m(x)
+    return m.eval(), x
+
+
+def test_bias_correction_with_quantize_model():
+    qmodel_mod = pytest.importorskip("refimpl.qmodel")
+    m, x = _trained_like_resnet()
+    fp, stats = fold_all_bn(m), bn_statistics(m)
+    q = qmodel_mod.quantize_model(fp, qmodel_mod.QuantConfig(weight_bits=4, act_bits=8))
+    qmodel_mod.calibrate(q, x)
+    before = _state(q)
+    qa, ca = bias_correction_analytic(q, stats, return_corrections=True)
+    # inputs from conv -> ReLU (through the activation quantizer); not after residual adds
+    assert list(ca) == ["blocks.0.conv1", "blocks.0.conv2", "blocks.1.conv2"]
+    qe, ce = bias_correction_empirical(q, fp, x, return_corrections=True)
+    assert _same_state(before, q)
+    assert set(ce) == set(qmodel_mod.quant_layers(q))
+    ref = fp(x)
+    mse = {k: (mdl(x) - ref).pow(2).mean().item() for k, mdl in (("q", q), ("analytic", qa), ("empirical", qe))}
+    assert mse["analytic"] < mse["q"] and mse["empirical"] < mse["q"]
+    # per layer, the corrected model's mean output equals the FP model's on the calibration data
+    for name in ce:
+        got = {}
+        for model, key in ((fp, "fp"), (qe, "q")):
+            h = model.get_submodule(name).register_forward_hook(lambda _m, _i, o, key=key: got.__setitem__(key, o))
+            model(x)
+            h.remove()
+        red = [d for d in range(got["fp"].dim()) if d != 1]
+        assert (got["q"] - got["fp"]).mean(red).abs().max() < 1e-5, name

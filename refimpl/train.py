@@ -15,18 +15,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from refimpl._checks import check_int
+from refimpl._checks import check_choice, check_int
 from refimpl.data import DataSplit, load_dataset
 from refimpl.models import make_model
 
 __all__ = ["TRAIN_DEFAULTS", "train", "evaluate", "train_fp32"]
 
-# Per-dataset defaults of train_fp32, tuned to train in seconds on one CPU thread.
-# Measured with torch.set_num_threads(1) on a 2-core CPU: digits 99.1 % test accuracy after
-# ~5.5 s of training, mnist1d 98.4 % after ~14 s (plus ~7 s to generate the data).
+# Per-(dataset, arch) defaults of train_fp32, tuned to train in seconds on one CPU thread.
+# ResNet, measured with torch.set_num_threads(1) on a 2-core CPU: digits 99.1 % test accuracy
+# after ~5.5 s of training, mnist1d 98.4 % after ~14 s (plus ~7 s to generate the data).
+# MobileNetV2: see the measurements next to its entries.
 TRAIN_DEFAULTS = {
-    "digits": dict(model=dict(width=16, num_blocks=2), train=dict(epochs=10, lr=5e-3, batch_size=128)),
-    "mnist1d": dict(model=dict(width=16, num_blocks=2), train=dict(epochs=15, lr=5e-3, batch_size=128)),
+    ("digits", "resnet"): dict(model=dict(width=16, num_blocks=2), train=dict(epochs=10, lr=5e-3, batch_size=128)),
+    ("mnist1d", "resnet"): dict(model=dict(width=16, num_blocks=2), train=dict(epochs=15, lr=5e-3, batch_size=128)),
+    ("digits", "mobilenetv2"): dict(model=dict(width=16), train=dict(epochs=10, lr=5e-3, batch_size=128)),
+    ("mnist1d", "mobilenetv2"): dict(model=dict(width=16), train=dict(epochs=15, lr=5e-3, batch_size=128)),
 }
 
 
@@ -135,18 +138,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct.item() / len(y)
 
 
-def train_fp32(dataset_name: str, seed: int = 0, progress: bool = True, data_kw=None, model_kw=None, **train_kw):
-    """Load ``dataset_name``, build its model from ``seed`` and train it: returns ``(model, data)``.
+def train_fp32(dataset_name: str, seed: int = 0, progress: bool = True, data_kw=None, model_kw=None,
+               arch: str = "resnet", **train_kw):
+    """Load ``dataset_name``, build its ``arch`` model from ``seed`` and train it: returns ``(model, data)``.
 
-    ``data_kw`` go to :func:`refimpl.data.load_dataset`, ``model_kw`` to
-    :func:`refimpl.models.make_model` and the remaining keywords to :func:`train`, each
-    overriding :data:`TRAIN_DEFAULTS`. The model is returned in eval mode, on the CPU.
+    ``arch``: "resnet" (ResNetCNN) or "mobilenetv2" (MobileNetV2CNN). ``data_kw`` go to
+    :func:`refimpl.data.load_dataset`, ``model_kw`` to :func:`refimpl.models.make_model` and
+    the remaining keywords to :func:`train`, each overriding ``TRAIN_DEFAULTS[(dataset_name,
+    arch)]``. The model is returned in eval mode, on the CPU.
     """
+    check_choice(dataset_name, "dataset_name", tuple(dict.fromkeys(d for d, _ in TRAIN_DEFAULTS)))
+    check_choice(arch, "arch", tuple(dict.fromkeys(a for _, a in TRAIN_DEFAULTS)))
     data = load_dataset(dataset_name, seed=seed, **(data_kw or {}))
-    defaults = TRAIN_DEFAULTS[dataset_name]
+    defaults = TRAIN_DEFAULTS[(dataset_name, arch)]
     # Seed weight init in a forked RNG so building the model leaves the caller's global RNG alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = make_model(dataset_name, **{**defaults["model"], **(model_kw or {})})
+        model = make_model(dataset_name, arch, **{**defaults["model"], **(model_kw or {})})
     train(model, data, seed=seed, progress=progress, **{**defaults["train"], **train_kw})
     return model.eval(), data

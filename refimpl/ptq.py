@@ -544,19 +544,30 @@ def bias_correction_analytic(qmodel: nn.Module, bn_stats: dict, return_correctio
     return (out, corrections) if return_corrections else out
 
 
-def _layer_output_means(model, names, x, batch_size, input_of=False):
-    """{name: per-channel mean of the named layers' outputs (or inputs) over x}, float64."""
+def _channel_sum(layer, t):
+    """(per-channel sum of t, values per channel): channels on dim 1 for a conv, last dim for Linear."""
+    cdim = t.dim() - 1 if isinstance(layer, nn.Linear) else 1
+    red = [d for d in range(t.dim()) if d != cdim]
+    return t.sum(red), t.numel() // t.shape[cdim]
+
+
+def _device_of(model):
+    p = next(iter(model.parameters()), None)
+    return None if p is None else p.device
+
+
+def _layer_output_means(model, names, x, batch_size):
+    """{name: per-channel mean of the named layers' outputs over x}, float64."""
     mods = dict(model.named_modules())
     sums = {n: None for n in names}
     count = {n: 0 for n in names}
 
     def hook(name):
-        def fn(_m, inp, outp):
-            t = (inp[0] if input_of else outp).detach().double()
-            red = [d for d in range(t.dim()) if d != 1] if t.dim() > 1 else [0]
-            s = t.sum(red) if t.dim() > 1 else t
+        def fn(m, inp, outp):
+            t = outp.detach().double()
+            s, k = _channel_sum(m, t)
             sums[name] = s if sums[name] is None else sums[name] + s
-            count[name] += t.numel() // t.shape[1]
+            count[name] += k
         return fn
 
     handles = [mods[n].register_forward_hook(hook(n)) for n in names]
@@ -564,8 +575,9 @@ def _layer_output_means(model, names, x, batch_size, input_of=False):
     model.eval()
     try:
         with torch.no_grad():
+            device = _device_of(model)
             for i in range(0, x.shape[0], batch_size):
-                model(x[i:i + batch_size])
+                model(x[i:i + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()
@@ -580,19 +592,19 @@ def _layer_output_error_means(qmodel, fp_layers, names, x, batch_size):
     count = {n: 0 for n in names}
 
     def hook(name):
-        def fn(_m, inp, outp):
+        def fn(m, inp, outp):
             t = (outp.detach() - fp_layers[name](inp[0].detach())).double()
-            red = [d for d in range(t.dim()) if d != 1]
-            s = t.sum(red)
+            s, k = _channel_sum(m, t)
             sums[name] = s if sums[name] is None else sums[name] + s
-            count[name] += t.numel() // t.shape[1]
+            count[name] += k
         return fn
 
     handles = [mods[n].register_forward_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
+            device = _device_of(qmodel)
             for i in range(0, x.shape[0], batch_size):
-                qmodel(x[i:i + batch_size])
+                qmodel(x[i:i + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()

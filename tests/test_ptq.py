@@ -497,3 +497,15 @@ def test_bias_correction_with_quantize_model():
             h.remove()
         red = [d for d in range(got["fp"].dim()) if d != 1]
         assert (got["q"] - got["fp"]).mean(red).abs().max() < 1e-5, name
+
+
+def test_bias_correction_empirical_linear_on_sequences():
+    """Linear layers on (N, L, features): the channel is the last dim."""
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)).double()
+    q = _standin_qmodel(fp)
+    x = torch.randn(64, 7, 6, dtype=torch.float64)
+    qc = bias_correction_empirical(q, fp, x)
+    err = (qc(x) - fp(x)).mean((0, 1))
+    assert err.abs().max() < 1e-10
+    assert (q(x) - fp(x)).mean((0, 1)).abs().max() > 1e-3

@@ -16,12 +16,22 @@ straight-through estimator, STE), §4.2 "Batch normalization folding and QAT", �
 
 from __future__ import annotations
 
+import math
+import numbers
+import time
+
 import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
 
-from refimpl._checks import check_float_tensor, normalize_axis
+from refimpl._checks import check_choice, check_float_tensor, check_int, normalize_axis
+from refimpl.fold import fold_all_bn
+from refimpl.qmodel import QuantConfig, act_quantizers, calibrate, quantize_model, set_trainable, weight_quantizers
 from refimpl.quant import QuantSpec, lsq_fake_quant
+from refimpl.train import evaluate
 
-__all__ = ["ste_gradients", "gradient_check"]
+__all__ = ["ste_gradients", "gradient_check", "qat_pipeline"]
 
 REGIONS = ("below", "inside", "above")
 
@@ -75,9 +85,9 @@ def ste_gradients(x: torch.Tensor, scale, zero_point, spec: QuantSpec
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Local derivatives of x_hat = s * (clamp(round(x/s) + z, qmin, qmax) - z) under the STE.
 
-    White paper §4.1: the straight-through estimator sets d round(y)/dy := 1 (eq. 36); with it
-    the derivative of the fake quantizer (eq. 7) w.r.t. its input is 1 on the grid and 0 where
-    clipped (eq. 37). Differentiating eq. 7 the same way w.r.t. the quantization parameters gives
+    White paper §4.1: the straight-through estimator sets d round(y)/dy := 1; with it the
+    derivative of the fake quantizer (eq. 7) w.r.t. its input is 1 on the grid and 0 where
+    clipped (the section's gradient equation). Differentiating eq. 7 the same way w.r.t. the quantization parameters gives
     the scale and zero-point gradients used when they are learned (the paper's §4.1 points to
     LSQ, Esser et al. 2020, eq. 3, for s; LSQ+, Bhalgat et al. 2020, for the offset). With
     v = x/s + z, the regions are the paper's case split on the *unrounded* value:
@@ -144,8 +154,8 @@ def gradient_check(x: torch.Tensor, scale: float, zero_point: int, spec: QuantSp
 
     What each column checks (all in float64, per-tensor s and z, elementwise):
 
-    * ``paper``: :func:`ste_gradients`, the closed form (white paper §4.1, eqs. 36-37, and the
-      same differentiation for s and z).
+    * ``paper``: :func:`ste_gradients`, the closed form (white paper §4.1's STE gradient, and
+      the same differentiation for s and z).
     * ``autograd``: torch autograd through ``refimpl.quant.lsq_fake_quant`` with a learned offset
       (LSQ+, Bhalgat et al. 2020) -- an independently written quantizer with hand-written
       backward -- re-parametrised to the paper's (s, z) by beta = -s*z (then
@@ -218,3 +228,122 @@ def gradient_check(x: torch.Tensor, scale: float, zero_point: int, spec: QuantSp
     out["fd_surrogate"] = fd(lambda a, s, z: _surrogate(a, s, z, spec, residual, region))
     out["fd_true"] = fd(lambda a, s, z: _true_quantizer(a, s, z, spec))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# §4.4: the standard QAT pipeline
+# --------------------------------------------------------------------------------------------
+def _check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: str = "lsq", epochs: int = 10,
+                 lr: float = 1e-3, quant_lr: float | None = None, batch_size: int = 128, seed: int = 0,
+                 progress: bool = True) -> tuple[torch.fx.GraphModule, dict]:
+    """Quantization-aware training of a trained FP32 model: the white paper's pipeline (§4.4, Fig. 11).
+
+    Steps, each as the paper recommends:
+
+    1. BatchNorm: static folding with the running statistics before QAT (§4.2: BN folded into
+       the weights and biases as at inference, ``refimpl.fold.fold_all_bn``; the BN layers are
+       gone during QAT). The paper's optional cross-layer equalization step (for
+       depthwise-separable models) is not part of this function: apply it to ``fp_model`` first.
+    2. Add quantizers (§2.3): ``refimpl.qmodel.quantize_model(folded, config)``.
+    3. Range estimation (§4.3, §4.4 step 3): weight ranges as ``config.weight_range``,
+       activation ranges calibrated on ``data.x_calib`` with ``config.act_range``. The paper
+       recommends the MSE criterion for both (min-max can be better for per-channel weights):
+       pass ``QuantConfig(weight_range="mse", act_range="mse", ...)`` to follow it.
+    4. Learnable quantization parameters (§4.1, §4.4 step 4): ``set_trainable(qmodel, trainable)``
+       -- "lsq" (LSQ step size, Esser et al. 2020) or "ste" (scale and zero point with the STE
+       gradients of :func:`ste_gradients`). Trained jointly with the weights and biases by Adam
+       (the paper: adaptive optimizers avoid retuning the quantizer learning rate), cosine decay
+       from ``lr`` to 0 over all steps. Adam's step is ~lr in parameter units whatever the
+       gradient's scale, and quantizer scales are ~1e-2, so their learning rate is
+       ``quant_lr`` (default lr / 10).
+
+    Determinism: mini-batch order from a ``torch.Generator`` seeded with ``seed``; the global
+    RNG is not used (no dropout, no random init), so a seed gives bit-identical weights on the
+    same machine, device and thread count. The qmodel trains in its own mode; ``fp_model`` and
+    ``data`` are not modified.
+
+    fp_model: trained float model (BN allowed; fx-traceable). data: a ``refimpl.data.DataSplit``
+    (x_train, y_train, x_calib, x_test, y_test). Returns ``(qmodel, history)``: the trained
+    ``GraphModule`` in eval mode with its quantizers frozen (``set_trainable(qmodel, "none")``:
+    the learned scales and rounded zero points become fixed buffers), so its state_dict loads
+    into ``quantize_model(fold_all_bn(fp_model), config)``; and history = {"ptq_acc": test
+    accuracy (%) of the PTQ initialisation, "loss": mean training loss per epoch, "test_acc":
+    test accuracy (%) after each epoch (trainable quantizers), "final_acc": test accuracy of the
+    returned, frozen model, "seconds": wall time of the whole pipeline, "cpu_seconds": its
+    process CPU time (all threads; equals the wall time on an idle machine with one thread)}.
+    """
+    if not isinstance(fp_model, nn.Module):
+        raise TypeError(f"fp_model must be a torch.nn.Module, got {type(fp_model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a refimpl.qmodel.QuantConfig, got {type(config).__name__}")
+    missing = [a for a in ("x_train", "y_train", "x_calib", "x_test", "y_test") if not hasattr(data, a)]
+    if missing:
+        raise TypeError(f"data must be a DataSplit; {type(data).__name__} lacks {missing}")
+    check_choice(trainable, "trainable", ("lsq", "ste"))
+    epochs = check_int(epochs, "epochs", low=1)
+    lr = _check_positive(lr, "lr")
+    quant_lr = lr / 10 if quant_lr is None else _check_positive(quant_lr, "quant_lr")
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    seed = check_int(seed, "seed", low=0)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {progress!r}")
+    x, y = data.x_train, data.y_train
+    if len(x) != len(y):
+        raise ValueError(f"data.x_train has {len(x)} rows but data.y_train has {len(y)}")
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    qmodel = quantize_model(fold_all_bn(fp_model), config)               # steps 1-2
+    calibrate(qmodel, data.x_calib)                                      # step 3
+    history = {"ptq_acc": evaluate(qmodel, data.x_test, data.y_test), "loss": [], "test_acc": []}
+    quant_params = set_trainable(qmodel, trainable)                      # step 4
+    qids = {id(p) for p in quant_params}
+    weights = [p for p in qmodel.parameters() if id(p) not in qids]
+    opt = torch.optim.Adam([{"params": weights, "lr": lr}, {"params": quant_params, "lr": quant_lr}])
+    n = len(x)
+    steps = epochs * math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    device = next(qmodel.parameters()).device
+
+    qmodel.train()
+    bar = tqdm(range(epochs), desc=f"QAT {trainable}", unit="epoch", disable=not progress)
+    for _ in bar:
+        perm = torch.randperm(n, generator=gen, device=x.device)
+        total = torch.zeros((), device=device)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            loss = F.cross_entropy(qmodel(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                # a learned scale must stay > 0 (Adam moves it by ~quant_lr per step)
+                _clamp_scales(qmodel)
+            total += loss.detach() * len(idx)
+        history["loss"].append(total.item() / n)
+        history["test_acc"].append(evaluate(qmodel, data.x_test, data.y_test))
+        bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", acc=f"{history['test_acc'][-1]:.2f}")
+    # freeze: fixed (scale, integer zero point) buffers, as deployed; the state_dict then loads
+    # into a plain quantize_model(...) of the same folded model and config
+    set_trainable(qmodel, "none")
+    qmodel.eval()
+    history["final_acc"] = evaluate(qmodel, data.x_test, data.y_test)
+    history["seconds"] = time.perf_counter() - t0
+    history["cpu_seconds"] = time.process_time() - c0
+    return qmodel, history
+
+
+def _clamp_scales(qmodel: nn.Module) -> None:
+    """Keep every learned scale >= float32 eps (fake quantizers reject scale <= 0)."""
+    eps = torch.finfo(torch.float32).eps
+    for q in list(weight_quantizers(qmodel).values()) + list(act_quantizers(qmodel).values()):
+        if isinstance(q.scale, nn.Parameter):
+            q.scale.clamp_(min=eps)

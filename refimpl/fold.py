@@ -1,10 +1,10 @@
 """Batch-normalization folding: BN merged into the Conv/Linear layer before it.
 
 * ``fold_bn`` — one eval-mode BatchNorm folded into one Conv1d/Conv2d/Linear (white paper,
-  Nagel et al. 2021, §2.3.1, eq. 19-20).
+  Nagel et al. 2021, §2.3.1, batch normalization folding).
 * ``fold_all_bn`` — every foldable Conv/Linear -> BatchNorm pair of an fx-traceable model.
 * ``bn_statistics`` — the (beta, gamma) of the BatchNorm after each layer: the pre-activation
-  of that layer is ~N(beta, gamma^2) per channel (DFQ, Nagel et al. 2019, §4.1.2 and §4.2),
+  of that layer is ~N(beta, gamma^2) per channel (DFQ, Nagel et al. 2019, §4.1 and §4.2),
   used by high-bias absorption and analytic bias correction (``refimpl.ptq``).
 
 Nothing here modifies its inputs.
@@ -62,7 +62,7 @@ def _bn_scale_shift(bn) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    """A new layer computing bn(layer(x)) with bn in eval mode (white paper §2.3.1, eq. 19-20).
+    """A new layer computing bn(layer(x)) with bn in eval mode (white paper §2.3.1).
 
     W_fold = W * gamma / sqrt(var + eps) per output channel, b_fold = beta + (b - mean) * gamma /
     sqrt(var + eps) (b = 0 when the layer has no bias; the result always has a bias).
@@ -173,7 +173,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def bn_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer name: (beta, gamma)} of the BatchNorm that follows each Conv/Linear in ``model``.
 
-    DFQ (Nagel et al. 2019) §4.1.2/§4.2: after folding, the pre-activation output of the layer
+    DFQ (Nagel et al. 2019) §4.1/§4.2: after folding, the pre-activation output of the layer
     is ~N(beta, gamma^2) per output channel. The pairs are those ``fold_all_bn`` folds, and
     the names are the layer's qualified names (as kept by ``fold_all_bn``). gamma is returned as
     |gamma|, the standard deviation (a negative BN weight flips the sign, not the spread); a BN

@@ -1,12 +1,14 @@
 """Data-free post-training quantization tools: cross-layer equalization, high-bias absorption,
-bias correction (DFQ, Nagel et al. 2019, §4; white paper, Nagel et al. 2021, §4.2-4.3).
+bias correction (DFQ, Nagel et al. 2019, §4 and appendices A-D; white paper, Nagel et al.
+2021, §4, "Cross-layer equalization" and "Bias correction"). Equation numbers are not cited:
+the formulas are restated in each docstring.
 
 * ``cross_layer_equalization`` — per-channel rescaling of consecutive layers so their
-  per-channel weight ranges match (DFQ §4.1, eq. 5-11; white paper §4.3, eq. 40-43).
+  per-channel weight ranges match (DFQ §4.1 and appendix A).
 * ``high_bias_absorption`` — moves the part of a layer's bias that always passes the ReLU into
-  the next layer's bias (DFQ §4.1.2, eq. 12-14; white paper §4.3).
+  the next layer's bias (DFQ §4.1, "absorbing high biases").
 * ``bias_correction_empirical`` / ``bias_correction_analytic`` — remove the mean output error
-  that weight quantization causes (DFQ §4.2, eq. 15-21; white paper §4.2, eq. 33-35).
+  that weight quantization causes (DFQ §4.2 and appendices B-D).
 * ``weight_ranges`` — a layer's per-output- or per-input-channel weight range max|W|.
 
 Every function returns a new model; none modifies its inputs. The models are traced with
@@ -255,7 +257,7 @@ class CLEPair:
 
     @property
     def proportionality_error(self) -> float:
-        """max_i |r1_i/R1 - r2_i/R2| after CLE: 0 at DFQ's optimum (§4.1, eq. 10-11)."""
+        """max_i |r1_i/R1 - r2_i/R2| after CLE: 0 at DFQ's optimum (§4.1, appendix A)."""
         a = self.ranges1_after / self.ranges1_after.max()
         b = self.ranges2_after / self.ranges2_after.max()
         return float((a - b).abs().max())
@@ -309,14 +311,14 @@ def cross_layer_equalization(model: nn.Module, iterations: int = 100, tol: float
     add ends the chain, so in a ResNet block only conv1 -> conv2 is equalized; grouped and
     depthwise convs are handled (conv -> depthwise -> conv forms a chain of two pairs).
     For each pair, with r1_i the range of layer1's output channel i and r2_i that of layer2's
-    input channel i, s_i = sqrt(r1_i r2_i) / r2_i (DFQ eq. 11); W1 <- S^-1 W1, b1 <- S^-1 b1,
+    input channel i, s_i = sqrt(r1_i r2_i) / r2_i (DFQ §4.1); W1 <- S^-1 W1, b1 <- S^-1 b1,
     W2 <- W2 S, after which both ranges are sqrt(r1_i r2_i). Because ReLU(x/s) = ReLU(x)/s for
     s > 0 the function is unchanged. Pairs are swept in order until every scale satisfies
     max |log s_i| < tol or ``iterations`` sweeps are done (chains of more than two layers
     need several sweeps; a single pair converges in one). Channels with a zero range keep s=1.
 
     ReLU6 is not positively homogeneous (min(x/s, 6) != min(x, 6)/s). relu6="replace" (the DFQ
-    paper's choice, §5) replaces each ReLU6 inside an equalized chain by ReLU before
+    paper's choice for MobileNetV2) replaces each ReLU6 inside an equalized chain by ReLU before
     equalizing: the function then changes, but only where a ReLU6 input exceeded 6; the
     replaced sites are listed in the report. relu6="skip": a ReLU6 ends the chain.
     Weights are rescaled in their own dtype; the scales are computed in float64.
@@ -394,14 +396,15 @@ def _check_stats(bn_stats) -> None:
 
 def high_bias_absorption(model: nn.Module, bn_stats: dict, n_sigma: float = 3.0,
                          return_stats: bool = False):
-    """A new model with the always-active part of each ReLU layer's bias moved on (DFQ §4.1.2).
+    """A new model with the always-active part of each ReLU layer's bias moved on (DFQ §4.1,
+    "absorbing high biases").
 
     For every Conv/Linear layer1 -> ReLU -> Conv/Linear layer2 path (each tensor with one
     consumer; found as in CLE, ReLU only) where layer1 has BN statistics (beta, gamma) — its
     pre-activation is ~N(beta, gamma^2), ``refimpl.fold.bn_statistics``, rescaled with
     ``CLEReport.rescale_bn_statistics`` after CLE — c = max(0, beta - n_sigma * gamma) per
-    channel (DFQ eq. 14); b1 <- b1 - c; b2 <- b2 + W2 c, for a conv summed over the input
-    channels and kernel taps (DFQ eq. 13). ReLU(z - c) = ReLU(z) - c whenever z >= c, so the
+    channel; b1 <- b1 - c; b2 <- b2 + W2 c, for a conv summed over the input
+    channels and kernel taps. ReLU(z - c) = ReLU(z) - c whenever z >= c, so the
     function is exactly preserved for inputs whose pre-activations are all >= c, except at
     positions where layer2's kernel overlaps zero padding (those taps saw 0 and still see 0,
     yet the bias added W2 c for them). BN is folded first if present.
@@ -443,7 +446,8 @@ def _std_normal_cdf(x):
 
 
 def relu_mean(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """E[ReLU(z)] for z ~ N(beta, gamma^2): gamma phi(beta/gamma) + beta Phi(beta/gamma) (DFQ eq. 19-20).
+    """E[ReLU(z)] for z ~ N(beta, gamma^2): gamma phi(beta/gamma) + beta Phi(beta/gamma) (DFQ appendix C,
+    clipped normal distribution).
 
     gamma = 0 gives ReLU(beta). Elementwise; float tensors of broadcastable shapes.
     """
@@ -505,13 +509,15 @@ def bias_correction_analytic(qmodel: nn.Module, bn_stats: dict, return_correctio
     For each quantized layer (a module with ``.quantized_weight()``, as ``refimpl.qmodel``
     makes) whose input comes from a layer P with BN statistics (beta, gamma) through ReLU,
     ReLU6 or no activation (activation quantizers in between are ignored), the expected input
-    is E[x_c] = E[act(z_c)], z_c ~ N(beta_c, gamma_c^2): ``relu_mean`` (DFQ eq. 19-20),
+    is E[x_c] = E[act(z_c)], z_c ~ N(beta_c, gamma_c^2): ``relu_mean`` (DFQ appendix C),
     ``relu6_mean``, or beta. The expected output error is E[y~ - y] = (W~ - W) E[x]
-    (DFQ eq. 15-16, summed over kernel taps; zero padding is ignored), and the bias becomes
-    b - (W~ - W) E[x]. Layers without such a predecessor (the first layer, layers after a
+    (DFQ §4.2; for convs summed over kernel taps as in appendix B; zero padding is ignored),
+    and the bias becomes b - (W~ - W) E[x]. Layers without such a predecessor (the first layer, layers after a
     residual add or a pooling) are left unchanged. bn_stats: ``refimpl.fold.bn_statistics``
     of the unfolded model, rescaled after CLE/absorption.
 
+    Activation-quantizer ranges are copied as they are: recalibrate
+    (``refimpl.qmodel.calibrate``) if the corrected outputs should set them.
     Returns a new model (deep copy; ``qmodel`` is not modified), or (model, {layer: correction
     subtracted}) when ``return_corrections``.
     """
@@ -615,7 +621,7 @@ def bias_correction_empirical(qmodel: nn.Module, fp_model: nn.Module, x: torch.T
                               batch_size: int = 256, reference: str = "fp_model",
                               progress: bool = False, return_corrections: bool = False):
     """A copy of ``qmodel`` whose layer biases cancel the mean output error measured on ``x``
-    (empirical bias correction, DFQ §4.2 / white paper §4.2).
+    (empirical bias correction, DFQ §4.2 and appendix D).
 
     Layers are corrected one at a time in graph order, each measured with all earlier
     corrections in place (so later layers see corrected inputs). For quantized layer L (a
@@ -630,7 +636,7 @@ def bias_correction_empirical(qmodel: nn.Module, fp_model: nn.Module, x: torch.T
       precision model").
     * reference="same_input": error = E[L_q(x_q) - L_fp(x_q)] = (W~ - W) E[x_q], the FP32
       weights of L applied to the same input x_q: only the weight-quantization error of L
-      (DFQ eq. 15-16, with E[x] measured instead of derived from BN statistics).
+      (DFQ §4.2, with E[x] measured instead of derived from BN statistics).
 
     The bias becomes b - error (a zero bias is created if the layer had none). Layer outputs
     are taken before any following activation/quantizer. fp_model: the FP32 model ``qmodel``

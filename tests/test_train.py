@@ -175,3 +175,46 @@ def test_evaluate_bad_arguments(digits):
 def test_train_fp32_unknown_dataset():
     with pytest.raises(ValueError, match="'digits'.*'mnist1d'"):
         train_fp32("cifar10")
+
+
+# ------------------------------------------------------------------------------------------
+# arch="mobilenetv2" and the resnet default
+# ------------------------------------------------------------------------------------------
+from refimpl.models import MobileNetV2CNN, ResNetCNN  # noqa: E402
+from refimpl.train import TRAIN_DEFAULTS  # noqa: E402
+
+_SMALL = dict(data_kw=dict(calib_size=8), model_kw=dict(width=4), epochs=1, batch_size=64)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist1d"])
+def test_train_fp32_mobilenet_deterministic(dataset):
+    kw = dict(_SMALL, data_kw=dict(calib_size=8, **({"num_samples": 300} if dataset == "mnist1d" else {})))
+    a, data = train_fp32(dataset, seed=1, progress=False, arch="mobilenetv2", **kw)
+    b, _ = train_fp32(dataset, seed=1, progress=False, arch="mobilenetv2", **kw)
+    c, _ = train_fp32(dataset, seed=2, progress=False, arch="mobilenetv2", **kw)
+    assert type(a) is MobileNetV2CNN and a.dims == (2 if dataset == "digits" else 1) and not a.training
+    assert _state_equal(a, b)
+    assert not _state_equal(a, c)
+    # It trained: the weights moved away from the seed's initialisation.
+    torch.manual_seed(1)
+    init = make_model(dataset, "mobilenetv2", width=4)
+    assert not _state_equal(a, init)
+    assert 0.0 <= evaluate(a, data.x_test, data.y_test) <= 100.0
+
+
+def test_train_fp32_default_arch_is_resnet():
+    # The default path builds the same ResNet as arch="resnet", bit for bit after training.
+    a, _ = train_fp32("digits", seed=0, progress=False, **_SMALL)
+    b, _ = train_fp32("digits", seed=0, progress=False, arch="resnet", **_SMALL)
+    assert type(a) is ResNetCNN and _state_equal(a, b)
+    # The resnet defaults the chapters were measured with.
+    assert TRAIN_DEFAULTS[("digits", "resnet")] == dict(model=dict(width=16, num_blocks=2),
+                                                        train=dict(epochs=10, lr=5e-3, batch_size=128))
+    assert TRAIN_DEFAULTS[("mnist1d", "resnet")] == dict(model=dict(width=16, num_blocks=2),
+                                                         train=dict(epochs=15, lr=5e-3, batch_size=128))
+    assert {k for k in TRAIN_DEFAULTS} == {(d, a) for d in ("digits", "mnist1d") for a in ("resnet", "mobilenetv2")}
+
+
+def test_train_fp32_unknown_arch():
+    with pytest.raises(ValueError, match="arch.*'resnet'.*'mobilenetv2'"):
+        train_fp32("digits", arch="vgg")

@@ -1,7 +1,6 @@
 """refimpl.qmodel: quantizer placement, equivalences with refimpl.quant / torch.ao observers /
 autograd, state_dict round trip, and W8A8 accuracy on a trained digits ResNet."""
 import io
-from collections import OrderedDict
 
 import pytest
 import torch

@@ -1,0 +1,223 @@
+"""AdaRound: learned rounding of the weights, layer by layer (Nagel et al. 2020, arXiv 2004.10568;
+white paper Nagel et al. 2021 §3.4 "AdaRound").
+
+Rounding to nearest is not optimal for the task loss; AdaRound learns, per weight, whether to
+round down or up, by minimising a layer's local output reconstruction error (AdaRound eq. 25):
+
+    argmin_V  || f_a(W x) - f_a(W_soft(V) x_hat) ||^2  +  lambda * f_reg(V)
+
+    W_soft(V) = scale * (clamp(floor(W / scale) + h(V) + zero_point, qmin, qmax) - zero_point)  (eq. 22)
+    h(V)      = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1),  zeta = 1.1, gamma = -0.1     (eq. 23)
+    f_reg(V)  = sum_ij 1 - |2 h(V_ij) - 1|^beta                                                 (eq. 24)
+
+Choices made here:
+* x_hat, the layer's input, comes from the already-quantized model: earlier layers with their
+  learned (hard) rounding and the activation quantizers in their current state (calibrate
+  first); W x comes from the FP32 model on the same calibration images (eq. 26's asymmetric
+  reconstruction: the quantized input, the float target).
+* f_a is the ReLU/ReLU6 fused into the layer (the one between the layer and its activation
+  quantizer in ``refimpl.qmodel``), applied to both sides; identity for a layer without one.
+* The reconstruction error is the mean squared error over the batch's output elements;
+  lambda (``reg_weight``) multiplies the sum of f_reg over the weights.
+* beta: ``beta[0]`` for the first ``warmup`` fraction of iterations, where the regulariser is
+  off (the error alone moves h), then annealed linearly to ``beta[1]``.
+* V is initialised so that h(V) = w / scale - floor(w / scale) (the soft weight is the float
+  weight, before clipping); Adam (lr ``lr``) on V only; scale and zero point are fixed.
+* At the end the rounding is hard: h >= 0.5 rounds up.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ._checks import check_float_tensor, check_int
+from .qmodel import quant_layers
+
+__all__ = ["adaround", "rectified_sigmoid", "rounding_regularizer", "init_v", "ZETA", "GAMMA"]
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1) (AdaRound eq. 23); V's shape."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """f_reg = sum 1 - |2 h(V) - 1|^beta (AdaRound eq. 24): 0 when every h is 0 or 1. 0-d."""
+    return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
+
+
+def init_v(frac: torch.Tensor) -> torch.Tensor:
+    """V such that h(V) = frac, for frac in [0, 1) (the inverse of eq. 23 inside the clip)."""
+    p = (frac - GAMMA) / (ZETA - GAMMA)                   # in [1/12, 11/12): no infinities
+    return torch.log(p) - torch.log1p(-p)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _activation_after(qmodel, name: str):
+    """The ReLU/ReLU6 fused into layer ``name`` (its only user in the graph), else None."""
+    from .qmodel import _is_relu   # the same rule as the quantizer placement
+    modules = dict(qmodel.named_modules())
+    for node in qmodel.graph.nodes:
+        if node.op == "call_module" and node.target == name:
+            users = list(node.users)
+            if len(users) == 1 and _is_relu(users[0], modules):
+                u = users[0]
+                if u.op == "call_module":
+                    return modules[u.target]
+                if u.op == "call_function":
+                    return u.target
+                return torch.relu
+    return None
+
+
+def _layers_in_graph_order(qmodel) -> list[str]:
+    layers = quant_layers(qmodel)
+    graph = getattr(qmodel, "graph", None)
+    if graph is None:
+        raise TypeError("qmodel must be a torch.fx.GraphModule from refimpl.qmodel.quantize_model")
+    order = [n.target for n in graph.nodes if n.op == "call_module" and n.target in layers]
+    seen = []
+    for name in order:
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
+@torch.no_grad()
+def _capture(model, name: str, x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    """The input (what="input", stopping the forward there) or output of submodule ``name``."""
+    mod = model.get_submodule(name)
+    out = []
+
+    def pre(_m, args):
+        out.append(args[0].detach())
+        raise _Stop
+
+    def post(_m, _args, y):
+        out.append(y.detach())
+
+    handle = mod.register_forward_pre_hook(pre) if what == "input" else mod.register_forward_hook(post)
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            try:
+                model(x[i:i + batch_size])
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean())
+
+
+def adaround(qmodel: nn.Module, fp_model: nn.Module, x_calib: torch.Tensor, iterations: int = 300,
+             batch_size: int = 64, reg_weight: float = 0.01, beta: tuple = (20.0, 2.0), warmup: float = 0.2,
+             lr: float = 1e-2, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Learn the rounding of every quantized layer's weights (AdaRound, Nagel et al. 2020), in place.
+
+    qmodel: from ``refimpl.qmodel.quantize_model`` (activations calibrated, or switched off);
+    fp_model: the FP32 model it was made from (same layer names, e.g. the BN-folded model);
+    x_calib: calibration inputs (N, ...). Layers are processed in graph (topological) order;
+    each gets ``iterations`` Adam steps on random batches of ``batch_size`` rows. The learned
+    rounding is set with ``WeightQuantizer.set_rounding`` (hard, h in {0, 1}).
+
+    Returns one dict per layer: {"layer", "mse_nearest", "mse_adaround", "seconds"}: the mean
+    squared reconstruction error f_a(W x) vs f_a(W_q x_hat) over all of x_calib with
+    round-to-nearest and with the learned rounding, on the same inputs x_hat.
+    """
+    if not isinstance(fp_model, nn.Module):
+        raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
+    check_float_tensor(x_calib, "x_calib")
+    iterations = check_int(iterations, "iterations", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    seed = check_int(seed, "seed", 0)
+    if not (isinstance(reg_weight, (int, float)) and reg_weight >= 0 and math.isfinite(reg_weight)):
+        raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight!r}")
+    if not (isinstance(warmup, (int, float)) and 0.0 <= warmup < 1.0):
+        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if len(beta) != 2 or not all(b > 0 for b in beta):
+        raise ValueError(f"beta must be (start, end) with both > 0, got {beta!r}")
+    names = _layers_in_graph_order(qmodel)
+    fp_modules = dict(fp_model.named_modules())
+    for name in names:
+        w = quant_layers(qmodel)[name].weight
+        if name not in fp_modules or getattr(fp_modules[name], "weight", None) is None \
+                or fp_modules[name].weight.shape != w.shape:
+            raise ValueError(f"fp_model has no layer {name!r} with weight shape {tuple(w.shape)}: pass the "
+                             "FP32 (BN-folded) model that qmodel was quantized from")
+    layers = quant_layers(qmodel)
+    for name in names:
+        if layers[name].weight_quantizer.trainable != "none":
+            raise ValueError(f"layer {name!r}'s weight quantizer is in trainable mode "
+                             f"{layers[name].weight_quantizer.trainable!r}: set_trainable(qmodel, 'none') first")
+
+    was = (qmodel.training, fp_model.training)
+    qmodel.eval()
+    fp_model.eval()
+    p = next(qmodel.parameters())
+    device = p.device
+    x_calib = x_calib.to(device)
+    cap_bs = 256
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    report = []
+    try:
+        bar = tqdm(names, desc="adaround", unit="layer", disable=not progress)
+        for name in bar:
+            t0 = time.perf_counter()
+            layer = layers[name]
+            wq = layer.weight_quantizer
+            act = _activation_after(qmodel, name)
+            f_a = (lambda t: t) if act is None else act
+            wq.set_rounding(None)
+            x_in = _capture(qmodel, name, x_calib, cap_bs, "input").float()
+            with torch.no_grad():
+                target = f_a(_capture(fp_model, name, x_calib, cap_bs, "output").float())
+            w = layer.weight.detach().float()
+            floor, frac = wq.floor_codes(w)
+            v = nn.Parameter(init_v(frac))
+            opt = torch.optim.Adam([v], lr=lr)
+            n = x_in.shape[0]
+            start = int(warmup * iterations)
+            for it in range(iterations):
+                idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
+                h = rectified_sigmoid(v)
+                out = f_a(layer.forward_with_weight(x_in[idx], wq.quantize_with_rounding(w, h)))
+                loss = F.mse_loss(out, target[idx])
+                if it >= start and reg_weight > 0:
+                    rel = (it - start) / max(1, iterations - start)
+                    b = beta[1] + (beta[0] - beta[1]) * (1.0 - rel)
+                    loss = loss + reg_weight * rounding_regularizer(v, b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                hard = (rectified_sigmoid(v) >= 0.5).float()
+                errs = {}
+                # nearest: the quantizer's own round-to-nearest (rounding still None here)
+                for key, wqq in (("mse_nearest", layer.quantized_weight()),
+                                 ("mse_adaround", wq.quantize_with_rounding(w, hard).to(layer.weight.dtype))):
+                    outs = [f_a(layer.forward_with_weight(x_in[i:i + cap_bs].to(layer.weight.dtype), wqq)).float()
+                            for i in range(0, n, cap_bs)]
+                    errs[key] = _mse(torch.cat(outs), target)
+            wq.set_rounding(hard)
+            report.append({"layer": name, **errs, "seconds": time.perf_counter() - t0})
+            bar.set_postfix(layer=name, nearest=f"{errs['mse_nearest']:.3g}", ada=f"{errs['mse_adaround']:.3g}")
+    finally:
+        qmodel.train(was[0])
+        fp_model.train(was[1])
+    return report

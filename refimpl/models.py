@@ -3,7 +3,7 @@
 * ``ResNetCNN``: ResNet-style, Conv-BN-ReLU with residual adds (the book's default model).
 * ``MobileNetV2CNN``: MobileNetV2-style inverted residual blocks with depthwise convolutions and
   ReLU6 (Sandler et al. 2018) -- the white paper's hard case for per-tensor weight quantization
-  (Nagel et al. 2021, §2.4 and §3.1: depthwise kernels have widely spread per-channel ranges).
+  (Nagel et al. 2021, §2.4 and §3.2: depthwise kernels can have widely spread per-channel ranges).
 
 Every layer is its own named submodule (``stem.conv``, ``blocks.0.bn1``, ``head``, ...) and
 ``forward`` has no data-dependent control flow, so ``torch.fx.symbolic_trace`` gives a graph
@@ -22,7 +22,7 @@ from torch import nn
 from refimpl._checks import check_choice, check_int
 
 __all__ = ["BasicBlock", "ResNetCNN", "InvertedResidual", "MobileNetV2CNN", "make_model", "MODEL_DEFAULTS",
-           "ARCHITECTURES"]
+           "ARCHITECTURES", "MOBILENET_BLOCKS"]
 
 _LAYERS = {
     1: (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d),
@@ -181,8 +181,7 @@ class MobileNetV2CNN(nn.Module):
         conv, bn = _conv_bn(dims, in_channels, width, kernel_size, 1)
         self.stem = nn.Sequential(OrderedDict(conv=conv, bn=bn, relu=nn.ReLU6()))
         layers, c = [], width
-        for i, cfg in enumerate(_check_blocks(blocks)):
-            expansion, multiple, stride = cfg
+        for expansion, multiple, stride in _check_blocks(blocks):
             c_out = max(1, round(width * multiple))
             layers.append(InvertedResidual(c, c_out, stride, expansion, kernel_size, dims))
             c = c_out

@@ -1,0 +1,156 @@
+"""The white paper's standard PTQ pipeline and its debugging flow, composed from refimpl's parts.
+
+* :func:`standard_pipeline` — Nagel et al. 2021 ("A White Paper on Neural Network Quantization"),
+  its section "Standard PTQ pipeline" (§11.3.5 of the book-chapter version, Fournarakis et al.
+  2022): cross-layer equalization (with BN folding, and high-bias absorption), quantizer
+  insertion, weight range setting, AdaRound (or bias correction when no data can be spared),
+  activation range setting.
+* :func:`quantization_sensitivity` — the paper's "Debugging" flow chart for PTQ: check the
+  simulated-quantization model without quantizers against FP32, then quantize weights only and
+  activations only, then one layer (or one activation site) at a time, to find the layers that
+  break the accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ._checks import check_choice
+from .fold import bn_statistics, fold_all_bn
+from .qmodel import (QuantConfig, act_quantizers, calibrate, quant_layers, quantize_model,
+                     set_quant_state)
+from .train import evaluate
+
+__all__ = ["PipelineResult", "standard_pipeline", "quantization_sensitivity", "ROUNDINGS",
+           "BIAS_CORRECTIONS"]
+
+ROUNDINGS = ("nearest", "adaround")
+BIAS_CORRECTIONS = (None, "empirical", "analytic")
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`standard_pipeline` produced: the simulated-quantized ``qmodel``, the FP32
+    model it was built from after BN folding and CLE (``fp_model``, the reference for AdaRound
+    and bias correction), the ``steps`` taken in order, and the per-layer AdaRound report
+    (empty without AdaRound) and CLE report (empty without CLE)."""
+    qmodel: nn.Module
+    fp_model: nn.Module
+    steps: list = field(default_factory=list)
+    adaround_report: list = field(default_factory=list)
+    cle_report: object = None
+
+
+def _has_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantConfig, *,
+                      cle: bool = True, bias_absorption: bool = True, rounding: str = "adaround",
+                      bias_correction: str | None = None, adaround_kw: dict | None = None,
+                      progress: bool = True) -> PipelineResult:
+    """Post-training quantization of ``fp_model`` as the white paper's standard pipeline does.
+
+    Steps (the white paper's standard PTQ pipeline), each optional where the paper makes it so:
+    1. fold BatchNorm (§2.3.1) and, with ``cle``, cross-layer equalization, then with
+       ``bias_absorption`` high-bias absorption from the folded BNs' statistics;
+    2. insert quantizers (``config``; the paper sets weight ranges with MSE:
+       ``config.weight_range``);
+    3. activation range setting on ``x_calib`` (``config.act_range``; the paper: MSE);
+    4. ``rounding="adaround"`` (needs ``x_calib``), else round-to-nearest; ``bias_correction``
+       "empirical" (on ``x_calib``) or "analytic" (from BN statistics) — the paper uses bias
+       correction where AdaRound is not run;
+    5. activation ranges are set again, since steps 4 changed the weights.
+    The paper sets activation ranges last; we also set them before AdaRound because AdaRound's
+    layer inputs come from the quantized model with its activation quantizers on.
+
+    fp_model: float model (any fx-traceable model of Conv/Linear/BN/ReLU(6)/adds); untouched.
+    x_calib: float (N, *input_shape) calibration inputs. Returns a :class:`PipelineResult`.
+    """
+    if not isinstance(fp_model, nn.Module):
+        raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    check_choice(rounding, "rounding", ROUNDINGS)
+    check_choice(bias_correction, "bias_correction", BIAS_CORRECTIONS)
+    from . import ptq   # ptq sits beside this module; imported here to keep start-up light
+
+    steps = []
+    model = copy.deepcopy(fp_model).eval()
+    bn_stats = bn_statistics(model) if _has_bn(model) else {}
+    if bn_stats:
+        model = fold_all_bn(model)
+        steps.append("fold BatchNorm")
+    cle_report = None
+    if cle:
+        model, cle_report = ptq.cross_layer_equalization(model, return_report=True)
+        bn_stats = cle_report.rescale_bn_statistics(bn_stats) if bn_stats else bn_stats
+        steps.append("cross-layer equalization")
+    if bias_absorption and bn_stats:
+        model, bn_stats = ptq.high_bias_absorption(model, bn_stats, return_stats=True)
+        steps.append("high-bias absorption")
+    reference = model
+    qmodel = quantize_model(reference, config)
+    steps.append(f"quantizers ({config.weight_bits}-bit weights, {config.weight_range} ranges)")
+    if config.act_bits is not None:
+        calibrate(qmodel, x_calib)
+        steps.append(f"activation ranges ({config.act_range})")
+    adaround_report = []
+    if rounding == "adaround":
+        from .adaround import adaround
+        adaround_report = adaround(qmodel, reference, x_calib, progress=progress,
+                                   **(adaround_kw or {}))
+        steps.append("AdaRound")
+    if bias_correction == "empirical":
+        qmodel = ptq.bias_correction_empirical(qmodel, reference, x_calib)
+        steps.append("bias correction (empirical)")
+    elif bias_correction == "analytic":
+        if not bn_stats:
+            raise ValueError("bias_correction='analytic' needs BatchNorm statistics; fp_model has no BatchNorm")
+        qmodel = ptq.bias_correction_analytic(qmodel, bn_stats)
+        steps.append("bias correction (analytic)")
+    if config.act_bits is not None and (rounding == "adaround" or bias_correction):
+        calibrate(qmodel, x_calib)
+        steps.append("activation ranges again")
+    return PipelineResult(qmodel, reference, steps, adaround_report, cle_report)
+
+
+def quantization_sensitivity(qmodel: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                             per_layer: bool = True) -> dict:
+    """The white paper's PTQ debugging flow as accuracies (%) on (x, y).
+
+    Returns {"fp32": quantizers off (must equal the FP32 model), "weights": weights only,
+    "activations": activations only, "full": both, "layers": {layer: accuracy with only that
+    layer's weights quantized}, "sites": {site: accuracy with only that activation quantizer on}}.
+    The quantizers' on/off state is restored afterwards. qmodel: from
+    :func:`refimpl.qmodel.quantize_model`, calibrated; x float (N, ...), y int64 (N,).
+    """
+    report = {}
+    try:
+        for key, w, a in (("fp32", False, False), ("weights", True, False),
+                          ("activations", False, True), ("full", True, True)):
+            set_quant_state(qmodel, weights=w, acts=a)
+            report[key] = evaluate(qmodel, x, y)
+        if per_layer:
+            report["layers"] = {}
+            for name in quant_layers(qmodel):
+                set_quant_state(qmodel, weights=False, acts=False)
+                set_quant_state(qmodel, weights=True, acts=False, layers=[name])
+                report["layers"][name] = evaluate(qmodel, x, y)
+            report["sites"] = {}
+            for site in act_quantizers(qmodel):
+                set_quant_state(qmodel, weights=False, acts=False)
+                set_quant_state(qmodel, weights=False, acts=True, layers=[site])
+                report["sites"][site] = evaluate(qmodel, x, y)
+    finally:
+        set_quant_state(qmodel, weights=True, acts=True)
+    return report
+
+
+def with_config(config: QuantConfig, **changes) -> QuantConfig:
+    """A copy of ``config`` with ``changes`` (a dataclass replace, validated by QuantConfig)."""
+    return replace(config, **changes)

@@ -10,7 +10,7 @@ from ._checks import check_choice, check_float_tensor, check_int
 from .quant.functional import ROUNDING_MODES, fake_quant
 from .quant.spec import QuantSpec
 
-__all__ = ["accumulate_updates", "ste_gradient_descent"]
+__all__ = ["accumulate_updates", "ste_gradient_descent", "mean_std", "format_mean_std"]
 
 
 def _scalar_qparams(scale, spec: QuantSpec):
@@ -80,3 +80,21 @@ def ste_gradient_descent(w0: float, target: float, scale: float, spec: QuantSpec
         with torch.no_grad():
             w -= lr * grad
     return latent, quantized
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0.0 for a single value) of numbers."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("values must not be empty")
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def format_mean_std(values, digits: int = 1) -> str:
+    """"mean ± std" of numbers (e.g. accuracies over seeds), both to ``digits`` decimals."""
+    digits = check_int(digits, "digits", 0, 6)
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"

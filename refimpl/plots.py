@@ -87,6 +87,34 @@ def plot_channel_ranges(ax, weight: torch.Tensor, axis: int = 0, title: str | No
     return ax
 
 
+def plot_sensitivity(ax, report: Mapping, title: str | None = None):
+    """The debugging flow's per-layer picture: accuracy with one quantizer on at a time.
+
+    report: from :func:`refimpl.pipeline.quantization_sensitivity` (keys "fp32", "full",
+    "layers", "sites"). Bars: accuracy (%) with only that layer's weights quantized (blue) or
+    only that activation site quantized (orange); dashed lines: FP32 and everything quantized.
+    Returns ax.
+    """
+    for key in ("fp32", "full", "layers", "sites"):
+        if key not in report:
+            raise ValueError(f"report must come from quantization_sensitivity(per_layer=True); missing {key!r}")
+    names = list(dict.fromkeys(list(report["layers"]) + list(report["sites"])))
+    x = np.arange(len(names))
+    w = [report["layers"].get(n, np.nan) for n in names]
+    a = [report["sites"].get(n, np.nan) for n in names]
+    ax.bar(x - 0.2, w, 0.4, label="only this layer's weights", color="C0")
+    ax.bar(x + 0.2, a, 0.4, label="only this activation site", color="C1")
+    ax.axhline(report["fp32"], color="k", linestyle="--", linewidth=1, label="FP32")
+    ax.axhline(report["full"], color="C3", linestyle=":", linewidth=1.2, label="all quantized")
+    ax.set_xticks(x, names, rotation=90, fontsize=7)
+    ax.set_ylabel("test accuracy (%)")
+    lo = min(v for v in w + a + [report["full"]] if not np.isnan(v))
+    ax.set_ylim(max(0.0, lo - 5), 100.5)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
 def _cell(value) -> str:
     """A table cell's text, with "|" escaped (GFM would read it as a column separator)."""
     return str(value).replace("|", "\\|")

@@ -66,3 +66,20 @@ def test_markdown_table():
         markdown_table(["a", "b"], [[1]])
     with pytest.raises(ValueError, match="one entry per column"):
         markdown_table(["a", "b"], [[1, 2]], [".1f"])
+
+
+def test_plot_sensitivity_draws_both_kinds_of_bars():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from refimpl.plots import plot_sensitivity
+    rep = {"fp32": 99.0, "full": 90.0, "layers": {"a": 95.0, "b": 98.0}, "sites": {"input": 97.0, "a": 93.0}}
+    fig, ax = plt.subplots()
+    plot_sensitivity(ax, rep)
+    heights = sorted(round(p.get_height(), 3) for p in ax.patches if not np.isnan(p.get_height()))
+    assert heights == [93.0, 95.0, 97.0, 98.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "input"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="missing"):
+        plot_sensitivity(ax, {"fp32": 1.0})

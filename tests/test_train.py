@@ -218,3 +218,16 @@ def test_train_fp32_default_arch_is_resnet():
 def test_train_fp32_unknown_arch():
     with pytest.raises(ValueError, match="arch.*'resnet'.*'mobilenetv2'"):
         train_fp32("digits", arch="vgg")
+
+
+def test_mean_std_and_format():
+    import statistics
+
+    from refimpl.experiments import format_mean_std, mean_std
+    vals = [97.1, 98.2, 97.3]
+    m, s = mean_std(vals)
+    assert m == pytest.approx(statistics.mean(vals)) and s == pytest.approx(statistics.stdev(vals))
+    assert mean_std([5]) == (5.0, 0.0)
+    assert format_mean_std(vals) == f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+    with pytest.raises(ValueError, match="empty"):
+        mean_std([])

@@ -77,8 +77,8 @@ def test_bad_arguments():
 
 @pytest.fixture(scope="module")
 def digits():
-    from refimpl.train import train_fp32
-    model, data = train_fp32("digits", progress=False)
+    from refimpl.zoo import pretrained       # train_fp32("digits"), memoized on disk
+    model, data = pretrained("digits")
     return fold_all_bn(model), data
 
 

@@ -338,9 +338,8 @@ def test_devices_follow_buffers_and_dtype():
 
 @pytest.fixture(scope="module")
 def digits():
-    from refimpl.train import train_fp32
-    torch.manual_seed(0)
-    model, data = train_fp32("digits", progress=False)
+    from refimpl.zoo import pretrained       # train_fp32("digits"), memoized on disk
+    model, data = pretrained("digits")
     return fold_all_bn(model), data
 
 

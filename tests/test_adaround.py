@@ -10,6 +10,15 @@ from refimpl.fold import fold_all_bn
 from refimpl.qmodel import QuantConfig, calibrate, quantize_model, weight_quantizers
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # thousands of small conv steps: one thread avoids thread-pool overhead (and contention)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_rectified_sigmoid_and_regularizer_formulas():
     v = torch.linspace(-8, 8, 101, dtype=torch.float64)
     sig = 1 / (1 + torch.exp(-v))

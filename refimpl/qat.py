@@ -263,6 +263,10 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
        gradient's scale, and quantizer scales are ~1e-2, so their learning rate is
        ``quant_lr`` (default lr / 10).
 
+    Not implemented: keeping BN unfolded during QAT (the paper's alternatives to static folding,
+    §4.2) and BN re-estimation after QAT (Nagel et al. 2022): ``quantize_model`` takes BN-free
+    models only, and after static folding there are no BN statistics left to re-estimate.
+
     Determinism: mini-batch order from a ``torch.Generator`` seeded with ``seed``; the global
     RNG is not used (no dropout, no random init), so a seed gives bit-identical weights on the
     same machine, device and thread count. The qmodel trains in its own mode; ``fp_model`` and

@@ -2,7 +2,7 @@
 white paper Nagel et al. 2021 §3.4 "AdaRound").
 
 Rounding to nearest is not optimal for the task loss; AdaRound learns, per weight, whether to
-round down or up, by minimising a layer's local output reconstruction error (AdaRound eq. 25):
+round down or up, by minimising a layer's local output reconstruction error (AdaRound eqs. 25-26):
 
     argmin_V  || f_a(W x) - f_a(W_soft(V) x_hat) ||^2  +  lambda * f_reg(V)
 
@@ -13,8 +13,8 @@ round down or up, by minimising a layer's local output reconstruction error (Ada
 Choices made here:
 * x_hat, the layer's input, comes from the already-quantized model: earlier layers with their
   learned (hard) rounding and the activation quantizers in their current state (calibrate
-  first); W x comes from the FP32 model on the same calibration images (eq. 26's asymmetric
-  reconstruction: the quantized input, the float target).
+  first); W x comes from the FP32 model on the same calibration images (the paper's asymmetric
+  reconstruction, eqs. 25-26: the quantized input, the float target).
 * f_a is the ReLU/ReLU6 fused into the layer (the one between the layer and its activation
   quantizer in ``refimpl.qmodel``), applied to both sides; identity for a layer without one.
 * The reconstruction error is the mean squared error over the batch's output elements;
@@ -23,7 +23,8 @@ Choices made here:
   off (the error alone moves h), then annealed linearly to ``beta[1]``.
 * V is initialised so that h(V) = w / scale - floor(w / scale) (the soft weight is the float
   weight, before clipping); Adam (lr ``lr``) on V only; scale and zero point are fixed.
-* At the end the rounding is hard: h >= 0.5 rounds up.
+* At the end the rounding is hard: h >= 0.5 rounds up. Activation ranges are left as they
+  were calibrated; calling ``refimpl.qmodel.calibrate`` again afterwards is optional.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ with BatchNorm (ValueError: fold it first). The input model is never modified.
 Activation quantizers have three states: ``"observe"`` (pass through, record statistics),
 ``"quantize"`` and ``"off"``. ``calibrate`` sets their ranges with ``config.act_range``.
 Both quantizers have a trainable mode for QAT (``set_trainable``): ``"ste"`` (learned scale and
-zero point with the white paper's straight-through gradients, §4.1 eqs. for dq/ds and dq/dz) or
+zero point with the white paper's straight-through gradients, §4.1) or
 ``"lsq"`` (learned step size, LSQ, Esser et al. 2020).
 
 >>> qm = quantize_model(fold_all_bn(model), QuantConfig(weight_bits=8, act_bits=8))
@@ -711,7 +711,7 @@ def calibrate(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None
 
 
 def set_quant_state(qmodel: nn.Module, weights: bool = True, acts: bool = True, layers=None) -> None:
-    """Enable/disable weight and activation quantization (white paper §4.? debugging flow).
+    """Enable/disable weight and activation quantization (the white paper's debugging flow, §3.7).
 
     layers=None: every quantizer. Otherwise an iterable of layer names and/or site names: a layer
     name switches its weight quantizer and its output site (same name); a site name (e.g.

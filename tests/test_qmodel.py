@@ -9,7 +9,7 @@ from torch import nn
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 
 from refimpl.fold import fold_all_bn
-from refimpl.models import ResNetCNN
+from refimpl.models import MobileNetV2CNN, ResNetCNN
 from refimpl.qmodel import (ActQuantizer, QuantConfig, QuantConv2d, QuantLinear, WeightQuantizer,
                             act_quantizers, calibrate, quant_layers, quantize_model, set_quant_state,
                             set_trainable, ste_fake_quant, weight_quantizers)
@@ -66,6 +66,11 @@ def _mobilenet(seed=0):
     return TinyMobileNet().eval()
 
 
+def _mobilenetv2(dims=2, seed=0):
+    torch.manual_seed(seed)
+    return fold_all_bn(_randomize_bn(MobileNetV2CNN(1, 10, width=8, dims=dims), seed))
+
+
 def _sequential(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
@@ -75,6 +80,8 @@ MODELS = {
     "resnet2d": (_resnet, (16, 1, 8, 8)),
     "resnet1d": (lambda: _resnet(dims=1), (16, 1, 40)),
     "mobilenet": (_mobilenet, (16, 1, 8, 8)),
+    "mobilenetv2": (_mobilenetv2, (16, 1, 8, 8)),
+    "mobilenetv2_1d": (lambda: _mobilenetv2(dims=1), (16, 1, 40)),
     "sequential": (_sequential, (16, 1, 8, 8)),
 }
 
@@ -137,8 +144,21 @@ def test_sites_on_mobilenet_like():
     assert [n for n, a in aq.items() if a.spec.signed] == ["input", "block.project", "add", "mean", "head"]
 
 
-def _users_of(gm, target):
-    return [u for n in gm.graph.nodes if n.op == "call_module" and n.target == target for u in n.users]
+def test_sites_on_mobilenetv2():
+    q = quantize_model(_mobilenetv2(), QuantConfig())
+    aq = act_quantizers(q)
+    blocks = []
+    for i in range(5):
+        blocks += [f"blocks.{i}.{c}_conv" for c in ("expand", "dw", "project")]
+        # residual adds in blocks 0, 2, 4 (stride 1, same width): fx names add, add_1, add_2
+        blocks += {0: ["add"], 2: ["add_1"], 4: ["add_2"]}.get(i, [])
+    assert list(aq) == ["input", "stem.conv", *blocks, "last.conv", "pool", "head"]
+    assert len(quant_layers(q)) == 18 and len(aq) == 23
+    signed = [n for n, a in aq.items() if a.spec.signed]
+    assert signed == ["input", "blocks.0.project_conv", "add", "blocks.1.project_conv", "blocks.2.project_conv",
+                      "add_1", "blocks.3.project_conv", "blocks.4.project_conv", "add_2", "head"]
+    # depthwise weights per channel: one scale per output channel
+    assert weight_quantizers(q)["blocks.0.dw_conv"].scale.shape == (q.get_submodule("blocks.0.dw_conv").out_channels,)
 
 
 def test_relu_is_fused_into_the_layer():

@@ -244,6 +244,8 @@ class _Quantizer(nn.Module):
                 else:
                     setattr(self, name, empty)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.trainable == "lsq":  # which LSQ form applies depends on the loaded zero point
+            self.use_lsq = bool((self.zero_point == 0).all())
 
     def set_trainable(self, mode: str) -> None:
         """"none": fixed qparams (buffers); "ste": learnable scale and zero point (white paper

@@ -253,6 +253,28 @@ def test_state_dict_round_trip():
                            saved["blocks.0.conv1.weight_quantizer.rounding"])
 
 
+@pytest.mark.parametrize("mode", ["lsq", "ste"])
+def test_state_dict_round_trip_in_trainable_mode(mode):
+    # a checkpoint saved mid-QAT loads into a fresh model switched to the same mode; LSQ's form
+    # (pure LSQ where the zero point is 0, else the STE quantizer) must follow the loaded zero point
+    fp = _resnet()
+    cfg = QuantConfig(weight_bits=4, act_bits=4, weight_per_channel=True)
+    q = quantize_model(fp, cfg)
+    x = _x((32, 1, 8, 8))
+    calibrate(q, x)
+    set_trainable(q, mode)
+    with torch.no_grad():   # move the learned qparams away from their calibrated values
+        for p in q.parameters():
+            p.mul_(1.01)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    fresh = quantize_model(fp, cfg)
+    set_trainable(fresh, mode)              # zero points still 0 here: the pre-load LSQ form
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x), q(x))
+
+
 def test_calibrate_minmax_ranges_equal_observed_ranges():
     fp = _resnet()
     q = quantize_model(fp, QuantConfig(act_bits=8))

@@ -25,8 +25,8 @@ from .qmodel import (QuantConfig, act_quantizers, calibrate, quant_layers, quant
                      set_quant_state)
 from .train import evaluate
 
-__all__ = ["PipelineResult", "standard_pipeline", "quantization_sensitivity", "ROUNDINGS",
-           "BIAS_CORRECTIONS"]
+__all__ = ["PipelineResult", "standard_pipeline", "pipeline_accuracy", "quantization_sensitivity",
+           "ROUNDINGS", "BIAS_CORRECTIONS"]
 
 ROUNDINGS = ("nearest", "adaround")
 BIAS_CORRECTIONS = (None, "empirical", "analytic")
@@ -117,6 +117,15 @@ def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantC
         calibrate(qmodel, x_calib)
         steps.append("activation ranges again")
     return PipelineResult(qmodel, reference, steps, adaround_report, cle_report)
+
+
+def pipeline_accuracy(fp_model: nn.Module, data, config: QuantConfig, **pipeline_kw) -> float:
+    """Test accuracy (%) of ``standard_pipeline(fp_model, data.x_calib, config, **pipeline_kw)``
+    on ``data.x_test``/``data.y_test`` (``progress`` defaults to False). data: a
+    :class:`refimpl.data.DataSplit`."""
+    pipeline_kw.setdefault("progress", False)
+    result = standard_pipeline(fp_model, data.x_calib, config, **pipeline_kw)
+    return evaluate(result.qmodel, data.x_test, data.y_test)
 
 
 def quantization_sensitivity(qmodel: nn.Module, x: torch.Tensor, y: torch.Tensor,

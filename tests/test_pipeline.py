@@ -82,3 +82,11 @@ def test_sensitivity_matches_switching_by_hand(trained):
     set_quant_state(q)
     # 3-bit per-tensor weights and 4-bit activations hurt somewhere
     assert min(rep["layers"].values()) < rep["fp32"] or rep["full"] < rep["fp32"]
+
+
+def test_pipeline_accuracy_is_the_pipelines_test_accuracy(trained):
+    from refimpl.pipeline import pipeline_accuracy
+    model, data = trained
+    cfg = QuantConfig(weight_bits=5, act_bits=8)
+    r = standard_pipeline(model, data.x_calib, cfg, rounding="nearest", progress=False)
+    assert pipeline_accuracy(model, data, cfg, rounding="nearest") == evaluate(r.qmodel, data.x_test, data.y_test)

@@ -3,7 +3,8 @@
 :func:`pretrained` returns exactly what :func:`refimpl.train.train_fp32` returns for the same
 arguments — training is deterministic (seeded weights and batch order, one thread) — and stores
 the result under a key that covers everything the result depends on: the arguments, the training
-defaults, the PyTorch version, the thread count and the source code of ``refimpl.models``,
+defaults, the PyTorch version, the thread count, the CPU kernels' instruction set
+(``ATEN_CPU_CAPABILITY``) and ``MKL_CBWR``, and the source code of ``refimpl.models``,
 ``refimpl.train`` and ``refimpl.data``. Change any of them and the model is trained afresh. The
 cache lives in ``$REFIMPL_CACHE`` if set, else ``.cache/refimpl`` at the repository root; delete it
 at will. Files are loaded with ``torch.load(..., weights_only=True)``.
@@ -38,8 +39,10 @@ def cache_key(dataset_name: str, arch: str, seed: int) -> str:
     """Hex digest of everything a trained model depends on (see the module docstring)."""
     h = hashlib.sha256()
     entry = _train.TRAIN_DEFAULTS.get((dataset_name, arch))
+    # the kernels' instruction set and threading change float results (see the Makefile)
     h.update(json.dumps([dataset_name, arch, seed, repr(entry), torch.__version__,
-                         torch.get_num_threads()]).encode())
+                         torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(),
+                         os.environ.get("MKL_CBWR", "")]).encode())
     for mod in (_models, _train, _data):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:24]

@@ -7,29 +7,17 @@ machine is noisy), for every kernel: refimpl.neon.run_gemm(trace=False) time / n
 each core (timed once before the measurement, so the per-core cycle accounting is cached).
 """
 
-import time
 
 import numpy as np
 
 from refimpl.neon import CORE_FEATURES, CORES
 from refimpl.neon.kernels import run_gemm
 
+from _timing import best_of  # benchmarks/_timing.py (scripts run from benchmarks/)
+
 M, K, N = 64, 576, 3136
 RUNS = [("smlal", 8), ("sdot", 8), ("int7", 7), ("mla-lowbit", 2), ("mla-lowbit", 3),
         ("mla-lowbit", 4)]
-
-
-def best_of(fns, repeats=7):
-    """Min wall time of each function, calls interleaved so drift hits all alike."""
-    best = [float("inf")] * len(fns)
-    for fn in fns:
-        fn()                                         # warm-up: caches, allocator
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
 
 
 def main():
@@ -49,7 +37,7 @@ def main():
             per_core.append(f"{run_gemm(a, b, kernel, core=core, bits=bits).cycles_per_mac:7.4f}")
         ours = lambda: run_gemm(a, b, kernel, bits=bits)
         ref = lambda: a.astype(np.int32) @ b.astype(np.int32)
-        t_ours, t_ref = best_of([ours, ref])
+        t_ours, t_ref = best_of(repeats=7, fns=[ours, ref])
         got = ours().result
         # == numpy's matmul (smlal could differ only where MIN*MIN pairs wrap: documented)
         exact = np.array_equal(got, ref())

@@ -5,24 +5,12 @@ machine is noisy): refimpl.fake_quant / torch.fake_quantize_per_channel_affine (
 refimpl.fake_quant / x.clone() (the memory floor, goal <= 6), on 4M float32 elements, 2 threads.
 """
 
-import time
 
 import torch
 
 from refimpl.quant import QuantSpec, fake_quant, qparams
 
-
-def best_of(fns, repeats=30):
-    """Min wall time of each function, calls interleaved so drift hits all alike."""
-    best = [float("inf")] * len(fns)
-    for fn in fns:
-        fn()                                         # warm-up: allocator, threads
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+from _timing import best_of  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 
 def main():
@@ -37,7 +25,7 @@ def main():
         ref = lambda: torch.fake_quantize_per_channel_affine(w, s, z, 0, spec.qmin, spec.qmax)
         floor = lambda: w.clone()
         exact = torch.equal(ours(), ref())
-        t_ours, t_ref, t_clone = best_of([ours, ref, floor])
+        t_ours, t_ref, t_clone = best_of(repeats=30, fns=[ours, ref, floor])
         print(f"per-channel int8 {'symmetric ' if symmetric else 'asymmetric'}: refimpl {t_ours * 1e3:6.2f} ms"
               f" | torch {t_ref * 1e3:6.2f} ms | clone {t_clone * 1e3:5.2f} ms"
               f" | refimpl/torch {t_ours / t_ref:.2f}x (goal <= 0.5) | refimpl/clone {t_ours / t_clone:.2f}x"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from refimpl.neon.loops import (COMPARED_CORES, KERNELS, MARKED, agreement_summary,
+from refimpl.neon.loops import (COMPARED_CORES, LOOPS, MARKED, agreement_summary,
                                 compare_recorded, gemm_loops, without_post_index)
 from refimpl.neon.timing import LLVM_MCA, LLVM_MCA_CPU, llvm_mca_steady_state
 
@@ -20,7 +20,7 @@ def record():
 
 
 def test_recorded_loops_are_the_current_texts(record):
-    current = {**{f"loop:{k}": v for k, v in KERNELS.items()}, **gemm_loops()}
+    current = {**{f"loop:{k}": v for k, v in LOOPS.items()}, **gemm_loops()}
     seen = set()
     for r in record["rows"]:
         text = current[r["loop"]]

@@ -11,7 +11,7 @@ import pytest
 
 from refimpl.neon import timing
 from refimpl.neon.asm import Instruction, parse
-from refimpl.neon.loops import (COMPARED_CORES, KERNELS, MARKED, compare_with_llvm_mca, gemm_loops,
+from refimpl.neon.loops import (COMPARED_CORES, LOOPS, MARKED, compare_with_llvm_mca, gemm_loops,
                                 format_rows, without_post_index)
 from refimpl.neon.timing import (CORE_MODELS, Timer, full_run_cycles, llvm_mca_steady_state,
                                  reads_writes, steady_state_cycles)
@@ -216,16 +216,16 @@ def test_post_index_writeback_is_fast():
 
 # ---- steady state ------------------------------------------------------------------------------
 def _cases():
-    for name in KERNELS:
+    for name in LOOPS:
         for core in CORES:
-            if "sdot" in KERNELS[name] and core in ("cortex-a53", "cortex-a72"):
+            if "sdot" in LOOPS[name] and core in ("cortex-a53", "cortex-a72"):
                 continue
             yield name, core
 
 
 @pytest.mark.parametrize("name, core", list(_cases()))
 def test_steady_state_equals_full_run(name, core):
-    body = KERNELS[name]
+    body = LOOPS[name]
     prog = parse(body)
     t, c200 = Timer(core), None
     for it in range(1, 401):
@@ -237,7 +237,7 @@ def test_steady_state_equals_full_run(name, core):
 
 
 def test_full_run_cycles():
-    body = KERNELS["requant"]
+    body = LOOPS["requant"]
     t = Timer("cortex-a72")
     for _ in range(3):
         for ins in parse(body):
@@ -248,8 +248,8 @@ def test_full_run_cycles():
 
 @pytest.mark.parametrize("core", ["cortex-a55", "cortex-a76"])
 def test_steady_state_is_fast(core):
-    body = "\n".join(KERNELS["gemm_int8_smlal"].splitlines()[:-1]
-                     + KERNELS["requant"].splitlines()[1:-2]) + "\nb.ne loop\n"
+    body = "\n".join(LOOPS["gemm_int8_smlal"].splitlines()[:-1]
+                     + LOOPS["requant"].splitlines()[1:-2]) + "\nb.ne loop\n"
     assert len(parse(body)) >= 30
     t0 = time.perf_counter()
     steady_state_cycles(body, core)
@@ -260,7 +260,7 @@ def test_without_post_index():
     out = without_post_index("loop:\nld1 {v0.16b, v1.16b}, [x0], #32\nst1 {v2.8b}, [x1], x4\n")
     assert out == ("loop:\nld1 {v0.16b, v1.16b}, [x0]\nadd x0, x0, #32\n"
                    "st1 {v2.8b}, [x1]\nadd x1, x1, x4\n")
-    for body in KERNELS.values():
+    for body in LOOPS.values():
         parse(without_post_index(body))
 
 
@@ -278,13 +278,13 @@ def test_models_cite_sources():
 # ---- llvm-mca ----------------------------------------------------------------------------------
 def test_llvm_mca_a53_not_compared():
     with pytest.raises(ValueError, match="flat latency"):
-        llvm_mca_steady_state(KERNELS["micro_add_indep"], "cortex-a53")
+        llvm_mca_steady_state(LOOPS["micro_add_indep"], "cortex-a53")
 
 
 def test_llvm_mca_missing_binary(monkeypatch):
     monkeypatch.setattr(timing, "LLVM_MCA", "llvm-mca-does-not-exist")
     with pytest.raises(FileNotFoundError, match="llvm-19"):
-        llvm_mca_steady_state(KERNELS["micro_add_indep"], "cortex-a55")
+        llvm_mca_steady_state(LOOPS["micro_add_indep"], "cortex-a55")
 
 
 @needs_mca
@@ -296,12 +296,12 @@ def test_llvm_mca_hand_case():
 
 @needs_mca
 def test_compare_with_llvm_mca():
-    rows = compare_with_llvm_mca(KERNELS, COMPARED_CORES)
+    rows = compare_with_llvm_mca(LOOPS, COMPARED_CORES)
     print("\n" + format_rows(rows))
-    assert {(r["kernel"], r["core"]) for r in rows} == {(k, c) for k in KERNELS
+    assert {(r["kernel"], r["core"]) for r in rows} == {(k, c) for k in LOOPS
                                                          for c in COMPARED_CORES}
     for key in MARKED:  # every mark refers to a compared pair
-        assert (key[0] in KERNELS or key[0] in gemm_loops()) and key[1] in COMPARED_CORES
+        assert (key[0] in LOOPS or key[0] in gemm_loops()) and key[1] in COMPARED_CORES
     free = [r for r in rows if not r["marked"]]
     errs = [abs(r["rel_err"]) for r in free]
     assert len(free) >= 12

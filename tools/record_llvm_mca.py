@@ -5,7 +5,7 @@ are recorded here, with the exact loop text and command, into ``chapters/data/ll
 ``tests/test_llvm_mca_record.py`` re-runs llvm-mca-19 on every recorded loop (where it is
 installed, as in CI) and fails if a figure or a loop's text has changed.
 
-Loops: the representative bodies of :data:`refimpl.neon.loops.KERNELS` and the K loops of the
+Loops: the representative bodies of :data:`refimpl.neon.loops.LOOPS` and the K loops of the
 generated GEMM kernels (:func:`refimpl.neon.generate_kernel`, default tiles, K = 576). On
 cortex-a55 each loop with post-indexed accesses is recorded twice: as written, and rewritten with
 offset addressing plus ADD (:func:`refimpl.neon.loops.without_post_index`), because llvm-mca's A55
@@ -20,12 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from refimpl.neon.loops import COMPARED_CORES, KERNELS, gemm_loops, without_post_index
+from refimpl.neon.loops import COMPARED_CORES, LOOPS, gemm_loops, without_post_index
 from refimpl.neon.timing import LLVM_MCA, LLVM_MCA_CPU, llvm_mca_steady_state
 
 OUT = Path(__file__).resolve().parents[1] / "chapters" / "data" / "llvm_mca_19.json"
 def all_loops() -> dict[str, str]:
-    return {**{f"loop:{k}": v for k, v in KERNELS.items()}, **gemm_loops()}
+    return {**{f"loop:{k}": v for k, v in LOOPS.items()}, **gemm_loops()}
 
 
 def variants(name: str, text: str, core: str):

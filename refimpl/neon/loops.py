@@ -1,6 +1,6 @@
 """Representative NEON integer loop bodies (GNU as text) and their comparison with llvm-mca.
 
-:data:`KERNELS` maps a name to a loop body ending in ``subs`` + ``b.ne`` (a counted loop).
+:data:`LOOPS` maps a name to a loop body ending in ``subs`` + ``b.ne`` (a counted loop).
 :func:`compare_with_llvm_mca` times each body with :func:`refimpl.neon.timing.steady_state_cycles`
 and with llvm-mca-19 (:func:`refimpl.neon.timing.llvm_mca_steady_state`) and returns printable
 rows; :data:`MARKED` lists the kernel/core pairs whose difference is explained, with the reason.
@@ -12,11 +12,11 @@ import statistics
 
 from .timing import llvm_mca_steady_state, steady_state_cycles
 
-__all__ = ["KERNELS", "MARKED", "COMPARED_CORES", "without_post_index", "compare_with_llvm_mca",
+__all__ = ["LOOPS", "MARKED", "COMPARED_CORES", "without_post_index", "compare_with_llvm_mca",
            "GEMM_CONFIGS", "gemm_loops", "compare_recorded", "agreement_summary",
            "format_rows"]
 
-KERNELS: dict[str, str] = {
+LOOPS: dict[str, str] = {
     # gemmlowp-style int8 GEMM inner loop: 2 LHS x 2 RHS 16-byte slices, int8 x int8 products
     # into int16 (SMULL low half, SMLAL2 high half), pairwise widened into int32 (SADALP).
     "gemm_int8_smlal": """loop:
@@ -251,7 +251,7 @@ def compare_with_llvm_mca(kernels: dict[str, str] | None = None,
     additionally reported as written ("post-index", marked as the llvm-mca A55 writeback
     artefact). ``rel_err`` = (ours - mca) / mca; ``marked`` is the reason string or "".
     Raises FileNotFoundError when llvm-mca-19 is absent."""
-    kernels = KERNELS if kernels is None else kernels
+    kernels = LOOPS if kernels is None else kernels
     rows = []
     for name, body in kernels.items():
         for core in cores:
@@ -281,7 +281,7 @@ def compare_recorded(record: dict) -> list[dict]:
     """Rows of :func:`compare_with_llvm_mca` from recorded llvm-mca figures (the JSON written by
     ``tools/record_llvm_mca.py``: ``record["rows"]`` with ``loop``, ``core``, ``variant``,
     ``text``, ``mca``); ``ours`` is computed now by :func:`steady_state_cycles` on the same text.
-    Loop names are those of :data:`KERNELS` prefixed ``loop:``, or of :func:`gemm_loops`."""
+    Loop names are those of :data:`LOOPS` prefixed ``loop:``, or of :func:`gemm_loops`."""
     rows = []
     for r in record["rows"]:
         name = r["loop"].split(":", 1)[1] if r["loop"].startswith("loop:") else r["loop"]

@@ -6,8 +6,10 @@
 * ``bn_statistics`` — the (beta, gamma) of the BatchNorm after each layer: the pre-activation
   of that layer is ~N(beta, gamma^2) per channel (DFQ, Nagel et al. 2019, §4.1 and §4.2),
   used by high-bias absorption and analytic bias correction (``refimpl.ptq``).
+* ``reestimate_bn`` — BatchNorm running statistics recomputed on data with the model's current
+  (e.g. quantized, after QAT) weights (BN re-estimation, Nagel et al. 2022).
 
-Nothing here modifies its inputs.
+Nothing here modifies its inputs, except ``reestimate_bn``, which updates BN statistics in place.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["fold_bn", "fold_all_bn", "bn_statistics", "FOLDABLE_PAIRS"]
+__all__ = ["fold_bn", "fold_all_bn", "bn_statistics", "reestimate_bn", "FOLDABLE_PAIRS"]
 
 # (layer class, BatchNorm class) pairs that fold. Linear -> BatchNorm1d assumes the Linear
 # output is (N, features), as torch.nn.utils.fusion.fuse_linear_bn_eval does.
@@ -190,3 +192,55 @@ def bn_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
         beta = bn.bias.detach().clone() if bn.bias is not None else torch.zeros(c, dtype=ref.dtype, device=ref.device)
         out[layer_node.target] = (beta, gamma)
     return out
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> int:
+    """Recompute every BatchNorm's running mean and variance on ``x``, in place (BN re-estimation).
+
+    Nagel et al. 2022, "Overcoming Oscillations in Quantization-Aware Training" (ICML): weights
+    that oscillate between two grid points during QAT leave "wrongly estimated batch-normalization
+    statistics" (their abstract) -- the exponential running averages describe weights the model
+    no longer has -- so after training the statistics are recomputed with the final quantized
+    weights on training data. Here each BN's statistics are reset and replaced by the cumulative average over all
+    batches of ``x`` (``momentum=None``), the rest of the model in eval mode (quantizers fixed);
+    every module's train/eval flag and each BN's momentum are restored afterwards.
+
+    x: (N, ...) inputs on the model's device, any float dtype the model accepts. Returns the
+    number of BatchNorm layers re-estimated (0: the model has none, nothing changes).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating torch.Tensor, got {type(x).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an int >= 2 (a batch variance needs two samples), got {batch_size!r}")
+    if len(x) < 2:
+        raise ValueError(f"x must hold at least 2 samples to estimate a variance, got {len(x)}")
+    bns = [m for m in model.modules() if isinstance(m, _BN_TYPES)]
+    if not bns:
+        return 0
+    missing = [type(m).__name__ for m in bns if m.running_mean is None]
+    if missing:
+        raise ValueError("a BatchNorm without running statistics (track_running_stats=False) cannot be re-estimated")
+    flags = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in bns}
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None          # cumulative moving average: every batch counts equally
+            m.train()
+        # a last batch of one sample would make train-mode BN fail: fold it into the one before
+        starts = list(range(0, len(x), batch_size))
+        if len(starts) > 1 and len(x) - starts[-1] < 2:
+            starts.pop()
+        for i, start in enumerate(starts):
+            stop = starts[i + 1] if i + 1 < len(starts) else len(x)
+            model(x[start:stop])
+    finally:
+        for m, flag in flags.items():
+            m.train(flag)
+        for m, mom in momenta.items():
+            m.momentum = mom
+    return len(bns)

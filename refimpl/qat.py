@@ -26,12 +26,13 @@ from torch import nn
 from tqdm import tqdm
 
 from refimpl._checks import check_choice, check_float_tensor, check_int, normalize_axis
-from refimpl.fold import fold_all_bn
-from refimpl.qmodel import QuantConfig, act_quantizers, calibrate, quantize_model, set_trainable, weight_quantizers
+from refimpl.fold import fold_all_bn, reestimate_bn
+from refimpl.qmodel import (QuantConfig, act_quantizers, calibrate, merge_bn, quantize_model, set_trainable,
+                            weight_quantizers)
 from refimpl.quant import QuantSpec, lsq_fake_quant
 from refimpl.train import evaluate
 
-__all__ = ["ste_gradients", "gradient_check", "qat_pipeline"]
+__all__ = ["ste_gradients", "gradient_check", "qat_pipeline", "BN_MODES"]
 
 REGIONS = ("below", "inside", "above")
 
@@ -239,16 +240,25 @@ def _check_positive(value, name: str) -> float:
     return float(value)
 
 
+BN_MODES = ("static", "keep")
+
+
 def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: str = "lsq", epochs: int = 8,
                  lr: float = 3e-3, quant_lr: float | None = None, batch_size: int = 128, seed: int = 0,
+                 bn: str = "static", bn_reestimation: bool = False,
                  progress: bool = True) -> tuple[torch.fx.GraphModule, dict]:
     """Quantization-aware training of a trained FP32 model: the white paper's pipeline (§4.4, Fig. 11).
 
     Steps, each as the paper recommends:
 
-    1. BatchNorm: static folding with the running statistics before QAT (§4.2: BN folded into
-       the weights and biases as at inference, ``refimpl.fold.fold_all_bn``; the BN layers are
-       gone during QAT). The paper's optional cross-layer equalization step (for
+    1. BatchNorm (§4.2, Table 7 there). ``bn="static"`` (the paper's recommendation): static
+       folding with the running statistics before QAT (``refimpl.fold.fold_all_bn``; no BN
+       during QAT). ``bn="keep"`` ("keep original BN (per-channel)"): each BN stays in float
+       after its quantized layer and trains with batch statistics; after training it is merged
+       into the per-channel weight scales (``refimpl.qmodel.merge_bn``; needs per-channel
+       symmetric weights). With ``bn_reestimation=True`` the BN statistics are first recomputed
+       on ``data.x_train`` with the final quantized weights (``refimpl.fold.reestimate_bn``,
+       Nagel et al. 2022). The paper's optional cross-layer equalization step (for
        depthwise-separable models) is not part of this function: apply it to ``fp_model`` first.
     2. Add quantizers (§2.3): ``refimpl.qmodel.quantize_model(folded, config)``.
     3. Range estimation (§4.3, §4.4 step 3): weight ranges as ``config.weight_range``,
@@ -266,9 +276,8 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     The defaults (8 epochs, lr 3e-3, batch 128) keep a run on digits or MNIST-1D ResNets under
     ~15 s of CPU time on one thread (MobileNetV2 ~20-40 s).
 
-    Not implemented: keeping BN unfolded during QAT (the paper's alternatives to static folding,
-    §4.2) and BN re-estimation after QAT (Nagel et al. 2022): ``quantize_model`` takes BN-free
-    models only, and after static folding there are no BN statistics left to re-estimate.
+    Not implemented: the double-forward BN folding of Jacob et al. 2018 / Krishnamoorthi 2018
+    (the paper's Table 7 finds it no better than static folding).
 
     Determinism: mini-batch order from a ``torch.Generator`` seeded with ``seed``; the global
     RNG is not used (no dropout, no random init), so a seed gives bit-identical weights on the
@@ -282,7 +291,9 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     into ``quantize_model(fold_all_bn(fp_model), config)``; and history = {"ptq_acc": test
     accuracy (%) of the PTQ initialisation, "loss": mean training loss per epoch, "test_acc":
     test accuracy (%) after each epoch (trainable quantizers), "final_acc": test accuracy of the
-    returned, frozen model, "seconds": wall time of the whole pipeline, "cpu_seconds": its
+    returned, frozen model (BN merged for ``bn="keep"``), and for ``bn="keep"``
+    "before_reestimation_acc" (with ``bn_reestimation``) and "merge_clamped" (weight codes
+    clamped by the merge, see ``merge_bn``), "seconds": wall time of the whole pipeline, "cpu_seconds": its
     process CPU time (all threads; equals the wall time on an idle machine with one thread)}.
     """
     if not isinstance(fp_model, nn.Module):
@@ -293,6 +304,14 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     if missing:
         raise TypeError(f"data must be a DataSplit; {type(data).__name__} lacks {missing}")
     check_choice(trainable, "trainable", ("lsq", "ste"))
+    check_choice(bn, "bn", BN_MODES)
+    if not isinstance(bn_reestimation, bool):
+        raise TypeError(f"bn_reestimation must be a bool, got {bn_reestimation!r}")
+    if bn_reestimation and bn != "keep":
+        raise ValueError('bn_reestimation=True needs bn="keep" (after static folding there are no BN statistics)')
+    if bn == "keep" and not (config.weight_per_channel and config.weight_symmetric):
+        raise ValueError('bn="keep" merges BN into per-channel weight scales after training: it needs '
+                         "QuantConfig(weight_per_channel=True, weight_symmetric=True)")
     epochs = check_int(epochs, "epochs", low=1)
     lr = _check_positive(lr, "lr")
     quant_lr = lr / 10 if quant_lr is None else _check_positive(quant_lr, "quant_lr")
@@ -305,7 +324,10 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
         raise ValueError(f"data.x_train has {len(x)} rows but data.y_train has {len(y)}")
 
     t0, c0 = time.perf_counter(), time.process_time()
-    qmodel = quantize_model(fold_all_bn(fp_model), config)               # steps 1-2
+    if bn == "static":
+        qmodel = quantize_model(fold_all_bn(fp_model), config)           # steps 1-2
+    else:
+        qmodel = quantize_model(fp_model, config, keep_bn=True)
     calibrate(qmodel, data.x_calib)                                      # step 3
     history = {"ptq_acc": evaluate(qmodel, data.x_test, data.y_test), "loss": [], "test_acc": []}
     quant_params = set_trainable(qmodel, trainable)                      # step 4
@@ -342,6 +364,12 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     # into a plain quantize_model(...) of the same folded model and config
     set_trainable(qmodel, "none")
     qmodel.eval()
+    if bn == "keep":
+        if bn_reestimation:
+            history["before_reestimation_acc"] = evaluate(qmodel, data.x_test, data.y_test)
+            reestimate_bn(qmodel, x.to(device), batch_size=max(2, batch_size))
+        qmodel, clamped = merge_bn(qmodel, return_report=True)
+        history["merge_clamped"] = sum(clamped.values())
     history["final_acc"] = evaluate(qmodel, data.x_test, data.y_test)
     history["seconds"] = time.perf_counter() - t0
     history["cpu_seconds"] = time.process_time() - c0

@@ -30,7 +30,8 @@ fold_all_bn``) FP32 model with ``torch.fx.symbolic_trace`` and returns a ``Graph
 
 What it cannot handle: models torch.fx cannot trace symbolically (data-dependent control flow,
 unsupported Python): ``quantize_model`` raises a ValueError quoting torch.fx's message; models
-with BatchNorm (ValueError: fold it first). The input model is never modified.
+with BatchNorm (ValueError: fold it first, or keep the BN that follows a layer with
+``keep_bn=True`` and merge it after QAT with ``merge_bn``). The input model is never modified.
 
 Activation quantizers have three states: ``"observe"`` (pass through, record statistics),
 ``"quantize"`` and ``"off"``. ``calibrate`` sets their ranges with ``config.act_range``.
@@ -45,6 +46,7 @@ zero point with the white paper's straight-through gradients, §4.1) or
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from dataclasses import dataclass
 
@@ -59,7 +61,7 @@ from .quant import QuantSpec, fake_quant, lsq_fake_quant, lsq_grad_scale, qparam
 __all__ = [
     "QuantConfig", "WeightQuantizer", "ActQuantizer", "QuantConv1d", "QuantConv2d", "QuantLinear",
     "quantize_model", "calibrate", "set_quant_state", "set_trainable", "weight_quantizers",
-    "act_quantizers", "quant_layers", "TRAINABLE_MODES", "ACT_STATES",
+    "act_quantizers", "quant_layers", "input_sites", "first_last_bits", "merge_bn", "TRAINABLE_MODES", "ACT_STATES",
 ]
 
 WEIGHT_RANGES = ("minmax", "mse")
@@ -87,6 +89,11 @@ class QuantConfig:
     act_samples:        values per site kept for "mse" (randomly subsampled: calib.mse costs
                         ~10-20 us per value) and 100x that for "percentile".
     keep_fp:            names of Conv/Linear layers whose weights and outputs stay in float.
+    layer_weight_bits:  {layer name: bits} overriding ``weight_bits`` for those layers (mixed
+                        precision; e.g. the common convention of 8-bit first and last layers, see
+                        :func:`first_last_bits`). Accepts a dict; stored as sorted pairs.
+    site_act_bits:      {activation site name: bits} overriding ``act_bits`` at those sites
+                        (site names as listed by ``act_quantizers``: "input", a layer's name, ...).
     seed:               seed of the activation subsampling.
     """
 
@@ -101,6 +108,8 @@ class QuantConfig:
     act_percentile: float = 99.99
     act_samples: int = 4096
     keep_fp: tuple = ()
+    layer_weight_bits: tuple = ()
+    site_act_bits: tuple = ()
     seed: int = 0
 
     def __post_init__(self):
@@ -119,18 +128,41 @@ class QuantConfig:
         if isinstance(self.keep_fp, str) or not all(isinstance(n, str) for n in self.keep_fp):
             raise TypeError(f"keep_fp must be a tuple of layer names (str), got {self.keep_fp!r}")
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
+        for field in ("layer_weight_bits", "site_act_bits"):
+            object.__setattr__(self, field, _bits_pairs(getattr(self, field), field))
+        if self.site_act_bits and self.act_bits is None:
+            raise ValueError("site_act_bits needs activation quantizers: act_bits is None")
 
-    def weight_spec(self) -> QuantSpec:
-        """The weight grid (axis 0 = output channel when per-channel)."""
-        return QuantSpec(self.weight_bits, signed=True, symmetric=self.weight_symmetric,
+    def weight_spec(self, layer: str | None = None) -> QuantSpec:
+        """The weight grid of ``layer`` (axis 0 = output channel when per-channel)."""
+        bits = dict(self.layer_weight_bits).get(layer, self.weight_bits)
+        return QuantSpec(bits, signed=True, symmetric=self.weight_symmetric,
                          narrow_range=self.weight_narrow_range, axis=0 if self.weight_per_channel else None)
 
-    def act_spec(self, signed: bool) -> QuantSpec:
+    def act_spec(self, signed: bool, site: str | None = None) -> QuantSpec:
         """The activation grid of a site: signed sites follow act_symmetric; unsigned are affine
         [0, 2^b - 1] (zero_point 0 for a non-negative tensor)."""
+        bits = dict(self.site_act_bits).get(site, self.act_bits)
         if signed:
-            return QuantSpec(self.act_bits, signed=True, symmetric=self.act_symmetric)
-        return QuantSpec(self.act_bits, signed=False, symmetric=False)
+            return QuantSpec(bits, signed=True, symmetric=self.act_symmetric)
+        return QuantSpec(bits, signed=False, symmetric=False)
+
+
+def _bits_pairs(value, name: str) -> tuple:
+    """A {name: bits} mapping (or pairs) as a sorted tuple of (str, int) pairs, validated."""
+    if isinstance(value, dict):
+        value = tuple(value.items())
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be a dict {{name: bits}}, got {value!r}")
+    pairs = []
+    for item in value:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"{name} must map names (str) to bit-widths (int), got item {item!r}")
+        pairs.append((item[0], check_int(item[1], f"{name}[{item[0]!r}]", 1, 16)))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{name} names a layer or site twice: {names}")
+    return tuple(sorted(pairs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,6 +575,15 @@ def _fused_relu(node, modules):
     return None
 
 
+def _bn_of(node, modules):
+    """The BatchNorm module node that is ``node``'s only user, else None."""
+    users = list(node.users)
+    if (len(users) == 1 and users[0].op == "call_module"
+            and isinstance(modules.get(users[0].target), nn.modules.batchnorm._BatchNorm)):
+        return users[0]
+    return None
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     if isinstance(model, torch.fx.GraphModule):
         return copy.deepcopy(model)
@@ -553,7 +594,8 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
                          f"control flow or unsupported Python?): {type(e).__name__}: {e}") from e
 
 
-def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> torch.fx.GraphModule:
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn: bool = False
+                   ) -> torch.fx.GraphModule:
     """A simulated-quantization copy of a BN-free FP32 model (white paper §2.3, Fig. 4).
 
     Weights are quantized at insertion (static ranges, config.weight_range); activation
@@ -561,16 +603,24 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> torch
     docstring for where they sit). The input model is not modified. The result is in eval mode,
     on the model's device. Raises ValueError for BatchNorm layers, unknown keep_fp names, or a
     model torch.fx cannot trace.
+
+    keep_bn: keep each BatchNorm that directly follows a quantized layer (its only user) as a
+    float BN after the quantized weights, the layer's output site moving after the BN (and its
+    fused ReLU). This is QAT's "keep original BN" option (white paper §4.2, Table 7: trained with
+    batch statistics, then merged into per-channel weight scales, :func:`merge_bn`). Any other
+    BatchNorm is still a ValueError.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if not isinstance(keep_bn, bool):
+        raise TypeError(f"keep_bn must be a bool, got {keep_bn!r}")
     bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if bns:
+    if bns and not keep_bn:
         raise ValueError(f"model has BatchNorm layers {bns}: fold them into the preceding layers first "
-                         "with refimpl.fold.fold_all_bn(model)")
+                         "with refimpl.fold.fold_all_bn(model), or pass keep_bn=True")
     gm = _trace(model)
     gm.eval()
     modules = dict(gm.named_modules())
@@ -580,12 +630,22 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> torch
         raise ValueError(f"keep_fp names {unknown} are not Conv1d/Conv2d/Linear layers of the model; "
                          f"layers: {layer_names}")
     quantized = [n for n in layer_names if n not in config.keep_fp]
+    if bns:
+        kept = {_bn_of(node, modules).target for node in gm.graph.nodes
+                if node.op == "call_module" and node.target in quantized and _bn_of(node, modules) is not None}
+        stray = [n for n in bns if n not in kept]
+        if stray:
+            raise ValueError(f"keep_bn: BatchNorm layers {stray} do not directly follow a quantized Conv/Linear "
+                             "layer (as its only user); fold or remove them")
+    unknown = [n for n, _ in config.layer_weight_bits if n not in quantized]
+    if unknown:
+        raise ValueError(f"layer_weight_bits names {unknown} are not quantized Conv1d/Conv2d/Linear layers of "
+                         f"the model; quantized layers: {quantized}")
 
-    wspec = config.weight_spec()
     for name in quantized:
         mod = modules[name]
         mod.__class__ = _QUANT_CLASSES[type(mod)]
-        mod.weight_quantizer = WeightQuantizer(wspec, config.weight_range, device=mod.weight.device)
+        mod.weight_quantizer = WeightQuantizer(config.weight_spec(name), config.weight_range, device=mod.weight.device)
         mod.weight_quantizer.set_range(mod.weight)
 
     if config.act_bits is not None:
@@ -619,8 +679,9 @@ def _insert_act_quantizers(gm, modules, quantized: set, config: QuantConfig) -> 
             if readers:
                 add_site(node, "input" if len(placeholders) == 1 else f"input_{node.name}")
         elif node.op == "call_module" and node.target in quantized:
-            relu = _fused_relu(node, modules)
-            add_site(relu if relu is not None else node, node.target)
+            out = _bn_of(node, modules) or node       # keep_bn: the site follows the BN
+            relu = _fused_relu(out, modules)
+            add_site(relu if relu is not None else out, node.target)
         elif _is_add(node):
             relu = _fused_relu(node, modules)
             if relu is not None:
@@ -633,12 +694,16 @@ def _insert_act_quantizers(gm, modules, quantized: set, config: QuantConfig) -> 
     # graph order, so that act_quantizers() lists sites topologically
     order = {n: i for i, n in enumerate(graph.nodes)}
     sites.sort(key=lambda s: order[s[0]])
+    unknown = [n for n, _ in config.site_act_bits if n not in {name for _, name in sites}]
+    if unknown:
+        raise ValueError(f"site_act_bits names {unknown} are not activation sites of the model; "
+                         f"sites: {[name for _, name in sites]}")
     gm.add_module("act_quant", nn.ModuleDict())
     device = next((p.device for p in gm.parameters()), None)
     for anchor, name in sites:
         signed = anchor not in nonneg
         key = name.replace(".", "_")
-        q = ActQuantizer(config.act_spec(signed), name, config.act_range, config.act_percentile,
+        q = ActQuantizer(config.act_spec(signed, name), name, config.act_range, config.act_percentile,
                          config.act_samples, config.seed, fixed_zero_point=config.act_symmetric, device=device)
         gm.act_quant[key] = q
         users = list(anchor.users)
@@ -672,6 +737,122 @@ def act_quantizers(qmodel: nn.Module) -> dict:
     """{site name: ActQuantizer} in graph (topological) order; site names as in the module docstring."""
     _check_qmodel(qmodel)
     return {m.site: m for m in qmodel.modules() if isinstance(m, ActQuantizer)}
+
+
+def input_sites(qmodel: nn.Module, layer: str) -> list:
+    """Names of the activation sites whose quantized tensors ``layer`` reads (through max pooling,
+    flatten, reshape and the other pass-through ops), in graph order."""
+    if not isinstance(qmodel, torch.fx.GraphModule):
+        raise TypeError(f"qmodel must be a GraphModule from quantize_model, got {type(qmodel).__name__}")
+    layers = quant_layers(qmodel)
+    if layer not in layers:
+        raise ValueError(f"layer must be a quantized layer of qmodel, one of {list(layers)}; got {layer!r}")
+    modules = dict(qmodel.named_modules())
+    node = next(n for n in qmodel.graph.nodes if n.op == "call_module" and n.target == layer)
+    found, stack, seen = [], [node.args[0]], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module" and isinstance(modules[n.target], ActQuantizer):
+            found.append(modules[n.target].site)
+        elif n.op != "placeholder":
+            stack.extend(a for a in n.all_input_nodes)
+    order = list(act_quantizers(qmodel))
+    return sorted(found, key=order.index)
+
+
+def first_last_bits(model: nn.Module, config: QuantConfig, bits: int = 8) -> QuantConfig:
+    """``config`` with the first and the last quantized layer at ``bits``: their weights and the
+    activation sites they read (the network input; the last layer's input).
+
+    The usual convention of low-bit QAT papers (e.g. LSQ, Esser et al. 2020, keeps first and last
+    layers at 8 bits): the input is 8-bit data already and these two layers cost little compute.
+    ``model``: the BN-free model that will be passed to ``quantize_model``.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    bits = check_int(bits, "bits", 1, 16)
+    qm = quantize_model(model, config)
+    names = list(quant_layers(qm))
+    if not names:
+        raise ValueError("the model has no quantized Conv/Linear layer")
+    first_last = dict.fromkeys([names[0], names[-1]])
+    layer_bits = dict(config.layer_weight_bits) | {n: bits for n in first_last}
+    site_bits = dict(config.site_act_bits)
+    if config.act_bits is not None:
+        site_bits |= {site: bits for n in first_last for site in input_sites(qm, n)}
+    return dataclasses.replace(config, layer_weight_bits=layer_bits, site_act_bits=site_bits)
+
+
+@torch.no_grad()
+def merge_bn(qmodel: torch.fx.GraphModule, return_report: bool = False):
+    """A BN-free copy of a ``quantize_model(..., keep_bn=True)`` model: each BatchNorm merged into
+    the per-channel weight scales of the quantized layer before it (white paper §4.2, Table 7,
+    "keep original BN (per-channel)").
+
+    Eval-mode BN is y = a * z + c per channel (a = gamma / sqrt(var + eps), c = beta - a * mean).
+    With per-channel symmetric weights W_hat = s * q (codes q, zero point 0), a * W_hat =
+    (s * |a|) * (sign(a) * q): the merged layer has the same integer codes up to sign, scale
+    s * |a| and bias a * b + c, so it computes the same function -- except where a < 0 and a
+    code equals qmin, whose negation -qmin = qmax + 1 is off the grid and clamps to qmax (one
+    step off; a narrow-range grid avoids it). The weights become their quantized values
+    (the float latent weights of QAT are not needed after training); activation quantizers are
+    unchanged. Quantizers must be frozen (``set_trainable(qmodel, "none")``).
+
+    Returns the new GraphModule (eval mode; the input is not modified), and with
+    ``return_report=True`` also {layer name: number of codes clamped}.
+    """
+    if not isinstance(qmodel, torch.fx.GraphModule):
+        raise TypeError(f"qmodel must be a GraphModule from quantize_model, got {type(qmodel).__name__}")
+    gm = copy.deepcopy(qmodel)
+    modules = dict(gm.named_modules())
+    report = {}
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_module" and isinstance(modules.get(node.target), _QuantLayer)):
+            continue
+        bn_node = _bn_of(node, modules)
+        if bn_node is None:
+            continue
+        layer, bn, wq = modules[node.target], modules[bn_node.target], modules[node.target].weight_quantizer
+        if wq.trainable != "none":
+            raise ValueError(f"{node.target}: freeze the quantizers first (set_trainable(qmodel, 'none'))")
+        if wq.spec.axis is None or not wq.spec.symmetric:
+            raise ValueError(f"{node.target}: merging BN needs per-channel symmetric weight quantization "
+                             f"(QuantConfig(weight_per_channel=True, weight_symmetric=True)); got {wq.spec}")
+        if bn.running_mean is None:
+            raise ValueError(f"{bn_node.target} has no running statistics to merge")
+        w = layer.weight
+        shape = _param_shape(w, 0)
+        s = wq.scale.reshape(shape).to(w.dtype)
+        q = torch.round(wq(w) / s) if wq.enabled else None
+        if q is None:
+            raise ValueError(f"{node.target}: its weight quantizer is disabled")
+        a = (bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)) \
+            * torch.rsqrt(bn.running_var + bn.eps)
+        c = (bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)) - a * bn.running_mean
+        q_new = q * torch.sign(a).reshape(shape)
+        report[node.target] = int(((q_new < wq.spec.qmin) | (q_new > wq.spec.qmax)).sum())
+        q_new = q_new.clamp(wq.spec.qmin, wq.spec.qmax)
+        s_new = wq.scale * a.abs().to(wq.scale.dtype)
+        layer.weight.data = (q_new * s_new.reshape(shape).to(w.dtype)).to(w.dtype)
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(a)
+        new_bias = (a * bias + c).to(w.dtype)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_bias)
+        else:
+            layer.bias.data = new_bias
+        wq.set_qparams(s_new, torch.zeros_like(s_new))
+        wq.set_rounding(None)
+        bn_node.replace_all_uses_with(node)
+        gm.graph.erase_node(bn_node)
+        parent, _, leaf = bn_node.target.rpartition(".")
+        delattr(gm.get_submodule(parent) if parent else gm, leaf)
+    gm.graph.lint()
+    gm.recompile()
+    gm.eval()
+    return (gm, report) if return_report else gm
 
 
 def _device_of(model):

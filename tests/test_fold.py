@@ -200,3 +200,32 @@ def test_untraceable_model_error():
         fold_all_bn(_Untraceable())
     with pytest.raises(TypeError, match="model"):
         fold_all_bn("not a model")
+
+
+def test_reestimate_bn_equals_the_statistics_of_the_data():
+    """After reestimate_bn, each BN's running mean/var are the batch-averaged mean and unbiased
+    variance of its input on x, computed here directly with hooks; flags and momentum restored."""
+    from refimpl.fold import reestimate_bn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3))
+    model.eval()
+    x = torch.randn(81, 1, 8, 8) * 2 + 1
+    seen = {}
+    hooks = [bn.register_forward_hook(lambda m, inp, out, k=k: seen.setdefault(k, []).append(inp[0]))
+             for k, bn in ((1, model[1]), (4, model[4]))]
+    assert reestimate_bn(model, x, batch_size=40) == 2
+    for h in hooks:
+        h.remove()
+    assert not model.training and all(not m.training for m in model.modules())
+    assert model[1].momentum == 0.1
+    for k, batches in seen.items():
+        assert len(batches) == 2        # 40 + 41: a last batch of < 2 rows joins the one before
+        mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+        var = torch.stack([b.var(dim=(0, 2, 3), unbiased=True) for b in batches]).mean(0)
+        torch.testing.assert_close(model[k].running_mean, mean)
+        torch.testing.assert_close(model[k].running_var, var)
+    with pytest.raises(ValueError, match="batch_size"):
+        reestimate_bn(model, x, batch_size=1)
+    with pytest.raises(TypeError, match="x"):
+        reestimate_bn(model, x.long())
+    assert reestimate_bn(nn.Linear(2, 2), torch.randn(4, 2)) == 0

@@ -12,7 +12,8 @@ from refimpl.fold import fold_all_bn
 from refimpl.models import MobileNetV2CNN, ResNetCNN
 from refimpl.qmodel import (ActQuantizer, QuantConfig, QuantConv2d, QuantLinear, WeightQuantizer,
                             act_quantizers, calibrate, quant_layers, quantize_model, set_quant_state,
-                            set_trainable, ste_fake_quant, weight_quantizers)
+                            set_trainable, ste_fake_quant, weight_quantizers, input_sites, first_last_bits,
+                            merge_bn)
 from refimpl.quant import QuantSpec, fake_quant, lsq_fake_quant, qparams
 
 
@@ -395,3 +396,122 @@ def test_w8a8_minmax_digits_accuracy(digits, per_channel):
     acc_q = evaluate(q, data.x_test, data.y_test)
     print(f"digits FP32 {acc_fp:.2f} W8A8 per_channel={per_channel} {acc_q:.2f}")
     assert abs(acc_q - acc_fp) <= 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# mixed precision overrides, first/last layers
+# --------------------------------------------------------------------------------------------
+def test_layer_and_site_bit_overrides():
+    fp = _resnet()
+    cfg = QuantConfig(weight_bits=4, act_bits=4, layer_weight_bits={"head": 8, "stem.conv": 6},
+                      site_act_bits={"input": 8})
+    q = quantize_model(fp, cfg)
+    wbits = {n: w.spec.bits for n, w in weight_quantizers(q).items()}
+    abits = {n: a.spec.bits for n, a in act_quantizers(q).items()}
+    assert wbits.pop("head") == 8 and wbits.pop("stem.conv") == 6 and set(wbits.values()) == {4}
+    assert abits.pop("input") == 8 and set(abits.values()) == {4}
+    # stored as sorted pairs: equal configs whatever the dict order, and hashable
+    assert cfg == QuantConfig(weight_bits=4, act_bits=4, layer_weight_bits={"stem.conv": 6, "head": 8},
+                              site_act_bits={"input": 8})
+    hash(cfg)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(layer_weight_bits={"head": 0}), ValueError, "layer_weight_bits"),
+    (dict(layer_weight_bits={"head": 8.0}), TypeError, "layer_weight_bits"),
+    (dict(layer_weight_bits="head"), TypeError, "layer_weight_bits"),
+    (dict(site_act_bits={3: 8}), TypeError, "site_act_bits"),
+    (dict(site_act_bits={"input": 8}, act_bits=None), ValueError, "site_act_bits"),
+])
+def test_bit_override_bad_config(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        QuantConfig(**kw)
+
+
+def test_bit_override_unknown_names():
+    fp = _resnet()
+    with pytest.raises(ValueError, match="layer_weight_bits.*nope"):
+        quantize_model(fp, QuantConfig(layer_weight_bits={"nope": 8}))
+    with pytest.raises(ValueError, match="layer_weight_bits"):   # a kept-in-float layer has no weight quantizer
+        quantize_model(fp, QuantConfig(keep_fp=("head",), layer_weight_bits={"head": 8}))
+    with pytest.raises(ValueError, match="site_act_bits.*nope"):
+        quantize_model(fp, QuantConfig(site_act_bits={"nope": 8}))
+
+
+def test_first_last_bits_and_input_sites():
+    fp = _resnet()
+    q = quantize_model(fp, QuantConfig())
+    assert input_sites(q, "stem.conv") == ["input"]
+    assert input_sites(q, "head") == ["pool"]          # through flatten
+    assert input_sites(q, "blocks.0.conv1") == ["stem.conv"]
+    cfg = first_last_bits(fp, QuantConfig(weight_bits=4, act_bits=4), bits=8)
+    assert dict(cfg.layer_weight_bits) == {"stem.conv": 8, "head": 8}
+    assert dict(cfg.site_act_bits) == {"input": 8, "pool": 8}
+    tiny = TinyMobileNet().eval()
+    tq = quantize_model(tiny, QuantConfig())
+    assert input_sites(tq, "block.project") == ["block.dw"]     # a layer site sits after its fused ReLU6
+    with pytest.raises(ValueError, match="layer"):
+        input_sites(q, "nope")
+    assert first_last_bits(fp, QuantConfig(weight_bits=4, act_bits=None)).site_act_bits == ()
+
+
+# --------------------------------------------------------------------------------------------
+# keep_bn, merge_bn
+# --------------------------------------------------------------------------------------------
+def _resnet_bn(seed=0, negative=False):
+    torch.manual_seed(seed)
+    m = _randomize_bn(ResNetCNN(1, 10, width=8, num_blocks=2, dims=2), seed)
+    if negative:   # some negative BN weights: the merged codes change sign
+        with torch.no_grad():
+            for bn in m.modules():
+                if isinstance(bn, nn.BatchNorm2d):
+                    bn.weight[::3] *= -1
+    return m
+
+
+def test_keep_bn_places_the_site_after_bn_and_merge_is_exact():
+    fp = _resnet_bn(negative=True)
+    cfg = QuantConfig(weight_bits=4, act_bits=8, weight_narrow_range=True)
+    q = quantize_model(fp, cfg, keep_bn=True)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in q.modules()) == sum(
+        isinstance(m, nn.BatchNorm2d) for m in fp.modules()) > 0
+    x = torch.randn(64, 1, 8, 8)
+    calibrate(q, x)
+    assert list(act_quantizers(q)) == list(act_quantizers(quantize_model(fold_all_bn(fp), cfg)))
+    merged, report = merge_bn(q, return_report=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in merged.modules())
+    assert set(report) == {n for n in quant_layers(q) if n != "head"} and sum(report.values()) == 0
+    set_quant_state(q, weights=True, acts=False)
+    set_quant_state(merged, weights=True, acts=False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), q(x), rtol=1e-5, atol=1e-5)
+        # the merged weights sit on their own grid: the weight quantizer leaves them unchanged
+        for name in report:
+            layer = merged.get_submodule(name)
+            assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight), name
+    assert any(isinstance(m, nn.BatchNorm2d) for m in q.modules())      # the input is not modified
+
+
+def test_merge_bn_counts_clamped_codes_on_a_full_range_grid():
+    fp = _resnet_bn(negative=True)
+    q = quantize_model(fp, QuantConfig(weight_bits=3, act_bits=None), keep_bn=True)
+    _, report = merge_bn(q, return_report=True)
+    # qmin = -4 negated is +4 > qmax = 3 in every channel with a negative BN weight that uses -4
+    assert sum(report.values()) > 0
+
+
+def test_keep_bn_errors():
+    fp = _resnet_bn()
+    with pytest.raises(ValueError, match="keep_bn"):
+        quantize_model(fp, QuantConfig())
+    with pytest.raises(ValueError, match="keep_bn"):      # a BN after a float layer stays unmergeable
+        quantize_model(fp, QuantConfig(keep_fp=("stem.conv",)), keep_bn=True)
+    q = quantize_model(fp, QuantConfig(weight_per_channel=False), keep_bn=True)
+    with pytest.raises(ValueError, match="per-channel"):
+        merge_bn(q)
+    q = quantize_model(fp, QuantConfig(), keep_bn=True)
+    set_trainable(q, "lsq")
+    with pytest.raises(ValueError, match="freeze"):
+        merge_bn(q)
+    with pytest.raises(TypeError, match="keep_bn"):
+        quantize_model(fp, QuantConfig(), keep_bn="yes")

@@ -767,8 +767,9 @@ def first_last_bits(model: nn.Module, config: QuantConfig, bits: int = 8) -> Qua
     """``config`` with the first and the last quantized layer at ``bits``: their weights and the
     activation sites they read (the network input; the last layer's input).
 
-    The usual convention of low-bit QAT papers (e.g. LSQ, Esser et al. 2020, keeps first and last
-    layers at 8 bits): the input is 8-bit data already and these two layers cost little compute.
+    A common convention of low-bit QAT papers (not the white paper's: its experiments use one
+    bit-width for all layers, §2.4): the first layer reads raw data, which 4 bits cannot resolve,
+    and the last produces the logits, while the two together cost little of the compute.
     ``model``: the BN-free model that will be passed to ``quantize_model``.
     """
     if not isinstance(config, QuantConfig):

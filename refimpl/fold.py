@@ -1,7 +1,7 @@
 """Batch-normalization folding: BN merged into the Conv/Linear layer before it.
 
 * ``fold_bn`` — one eval-mode BatchNorm folded into one Conv1d/Conv2d/Linear (white paper,
-  Nagel et al. 2021, §2.3.1, batch normalization folding).
+  Nagel et al. 2021, §2.3.1, batch normalization folding, eqs. 9-12).
 * ``fold_all_bn`` — every foldable Conv/Linear -> BatchNorm pair of an fx-traceable model.
 * ``bn_statistics`` — the (beta, gamma) of the BatchNorm after each layer: the pre-activation
   of that layer is ~N(beta, gamma^2) per channel (DFQ, Nagel et al. 2019, §4.1 and §4.2),

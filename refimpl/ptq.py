@@ -1,7 +1,8 @@
 """Data-free post-training quantization tools: cross-layer equalization, high-bias absorption,
 bias correction (DFQ, Nagel et al. 2019, §4 and appendices A-D; white paper, Nagel et al.
-2021, §4, "Cross-layer equalization" and "Bias correction"). Equation numbers are not cited:
-the formulas are restated in each docstring.
+2021, arXiv 2106.08295: §3.2 "Cross-layer equalization", eqs. 20-22, with "Absorbing high
+biases", eqs. 23-24; §3.3 "Bias correction", eqs. 25-28). The formulas are restated in each
+docstring.
 
 * ``cross_layer_equalization`` — per-channel rescaling of consecutive layers so their
   per-channel weight ranges match (DFQ §4.1 and appendix A).
@@ -311,7 +312,7 @@ def cross_layer_equalization(model: nn.Module, iterations: int = 100, tol: float
     add ends the chain, so in a ResNet block only conv1 -> conv2 is equalized; grouped and
     depthwise convs are handled (conv -> depthwise -> conv forms a chain of two pairs).
     For each pair, with r1_i the range of layer1's output channel i and r2_i that of layer2's
-    input channel i, s_i = sqrt(r1_i r2_i) / r2_i (DFQ §4.1); W1 <- S^-1 W1, b1 <- S^-1 b1,
+    input channel i, s_i = sqrt(r1_i r2_i) / r2_i (DFQ §4.1; white paper eq. 22); W1 <- S^-1 W1, b1 <- S^-1 b1,
     W2 <- W2 S, after which both ranges are sqrt(r1_i r2_i). Because ReLU(x/s) = ReLU(x)/s for
     s > 0 the function is unchanged. Pairs are swept in order until every scale satisfies
     max |log s_i| < tol or ``iterations`` sweeps are done (chains of more than two layers

@@ -4,7 +4,7 @@ White paper (Nagel et al. 2021, arXiv 2106.08295) §2.3 "Quantization simulation
 quantized layer computes with fake-quantized weights, and its output is fake-quantized where a
 deployed integer kernel would requantize it; §2.3.1: a ReLU/ReLU6 that follows a layer is fused
 into it, so the quantizer sits after the activation ("no quantizer between a conv and its ReLU").
-§4 (PTQ): weight ranges are static and set at insertion, activation ranges are calibrated.
+§3 (PTQ): weight ranges are static and set at insertion, activation ranges are calibrated.
 
 ``quantize_model(model, config)`` traces a (BatchNorm-free, i.e. BN-folded: ``refimpl.fold.
 fold_all_bn``) FP32 model with ``torch.fx.symbolic_trace`` and returns a ``GraphModule`` in which
@@ -72,7 +72,7 @@ ACT_STATES = ("observe", "quantize", "off")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How a model is quantized (white paper §2.2 grids, §3.1 range setting, §4 PTQ).
+    """How a model is quantized (white paper §2.2 grids, §3.1 range setting, §3 PTQ).
 
     weight_bits:        1..16.
     act_bits:           1..16, or None for no activation quantizers (weight-only).

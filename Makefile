@@ -6,6 +6,13 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 NB      := $(sort $(wildcard chapters/*.ipynb))
 NBVAL   := $(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with nbval_sanitize.cfg
+# pytest-xdist: tests and chapters run on $(JOBS) workers (`make test JOBS=0`: in one process).
+# Chapters use `--dist loadfile`, one kernel per chapter (plain `--dist load` scatters a chapter's
+# cells over kernels and breaks nbval), handed out newest first, the heaviest chapters being the
+# last ones: the long chapters start at once on different workers and the short ones fill in
+# behind them (xdist's default order, most cells first, would start the long ones last).
+JOBS    ?= 2
+NB_HEAVY_FIRST := $(shell printf '%s\n' $(NB) | sort -r)
 
 # Determinism of everything a chapter prints (see ../shared/book-recipe.md §6 and README):
 # the kernels inherit these, so stored outputs are reproducible under strict nbval.
@@ -16,7 +23,7 @@ export MKL_NUM_THREADS     := 1
 export ATEN_CPU_CAPABILITY := avx2
 export MKL_CBWR            := AVX2
 
-.PHONY: setup test test-package test-notebooks check-notebooks book outputs bench clean
+.PHONY: setup warm-cache test test-package test-notebooks check-notebooks book outputs bench clean
 
 setup: $(STAMP)            ## create .venv: torch==2.13.0 (CPU wheel) first, then the project pinned
 
@@ -29,11 +36,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: test-package check-notebooks test-notebooks   ## pytest, then strict nbval on every chapter
 
-test-package: setup
-	$(PY) -m pytest tests
+# The chapters' trained FP32 models (refimpl.zoo memoizes them in .cache/), one process per data
+# set. Chapters running side by side on a cold cache would each train the same models; once cached,
+# this loads them in seconds.
+warm-cache: setup
+	@pids=; for d in digits mnist1d; do \
+	  $(PY) -c "from refimpl.book import setup; setup(); from refimpl.zoo import pretrained; \
+	            [pretrained('$$d', a, s) for a in ('resnet', 'mobilenetv2') for s in (0, 1, 2)]" & \
+	  pids="$$pids $$!"; \
+	done; for p in $$pids; do wait $$p || exit 1; done
 
-test-notebooks: setup
-	$(NBVAL) chapters
+test-package: setup warm-cache
+	$(PY) -m pytest -n $(JOBS) tests
+
+test-notebooks: setup warm-cache
+	$(NBVAL) -n $(JOBS) --dist loadfile --no-loadscope-reorder $(NB_HEAVY_FIRST)
 
 check-notebooks: setup     ## every chapter executed, python3 kernel, no stderr, no stored error
 	$(PY) tools/check_notebooks.py $(NB)

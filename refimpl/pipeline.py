@@ -5,6 +5,8 @@
   2022): cross-layer equalization (with BN folding, and high-bias absorption), quantizer
   insertion, weight range setting, AdaRound (or bias correction when no data can be spared),
   activation range setting.
+* :func:`pipeline_accuracy` — the test accuracy of one pipeline; :func:`pipeline_accuracies` —
+  of several that differ only in rounding and bias correction, sharing the steps before them.
 * :func:`quantization_sensitivity` — the paper's "Debugging" flow chart for PTQ: check the
   simulated-quantization model without quantizers against FP32, then quantize weights only and
   activations only, then one layer (or one activation site) at a time, to find the layers that
@@ -25,7 +27,8 @@ from .qmodel import (QuantConfig, act_quantizers, calibrate, quant_layers, quant
                      set_quant_state)
 from .train import evaluate
 
-__all__ = ["PipelineResult", "standard_pipeline", "pipeline_accuracy", "quantization_sensitivity",
+__all__ = ["PipelineResult", "standard_pipeline", "pipeline_accuracy", "pipeline_accuracies",
+           "quantization_sensitivity",
            "ROUNDINGS", "BIAS_CORRECTIONS"]
 
 ROUNDINGS = ("nearest", "adaround")
@@ -77,6 +80,14 @@ def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantC
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     check_choice(rounding, "rounding", ROUNDINGS)
     check_choice(bias_correction, "bias_correction", BIAS_CORRECTIONS)
+    steps, model, bn_stats, cle_report = _prepare(fp_model, x_calib, config, cle, bias_absorption)
+    qmodel = _quantize(model, x_calib, config, steps)
+    return _finish(qmodel, model, bn_stats, x_calib, config, steps, cle_report, rounding, bias_correction,
+                   adaround_kw, progress)
+
+
+def _prepare(fp_model, x_calib, config, cle, bias_absorption):
+    """Step 1 of :func:`standard_pipeline`: BN folding, CLE, high-bias absorption."""
     from . import ptq   # ptq sits beside this module; imported here to keep start-up light
 
     steps = []
@@ -93,12 +104,24 @@ def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantC
     if bias_absorption and bn_stats:
         model, bn_stats = ptq.high_bias_absorption(model, bn_stats, return_stats=True)
         steps.append("high-bias absorption")
-    reference = model
+    return steps, model, bn_stats, cle_report
+
+
+def _quantize(reference, x_calib, config, steps):
+    """Steps 2-3 of :func:`standard_pipeline`: quantizers, activation ranges."""
     qmodel = quantize_model(reference, config)
     steps.append(f"quantizers ({config.weight_bits}-bit weights, {config.weight_range} ranges)")
     if config.act_bits is not None:
         calibrate(qmodel, x_calib)
         steps.append(f"activation ranges ({config.act_range})")
+    return qmodel
+
+
+def _finish(qmodel, reference, bn_stats, x_calib, config, steps, cle_report, rounding, bias_correction,
+            adaround_kw, progress):
+    """Steps 4-5 of :func:`standard_pipeline`: rounding, bias correction, activation ranges again."""
+    from . import ptq
+
     adaround_report = []
     if rounding == "adaround":
         from .adaround import adaround
@@ -126,6 +149,38 @@ def pipeline_accuracy(fp_model: nn.Module, data, config: QuantConfig, **pipeline
     pipeline_kw.setdefault("progress", False)
     result = standard_pipeline(fp_model, data.x_calib, config, **pipeline_kw)
     return evaluate(result.qmodel, data.x_test, data.y_test)
+
+
+def pipeline_accuracies(fp_model: nn.Module, data, config: QuantConfig, endings: dict, *,
+                        cle: bool = True, bias_absorption: bool = True, adaround_kw: dict | None = None,
+                        progress: bool = False) -> dict:
+    """Test accuracies (%) of several pipelines that differ only in their last steps:
+    {name: pipeline_accuracy(fp_model, data, config, cle=cle, bias_absorption=bias_absorption,
+    adaround_kw=adaround_kw, **ending)} for ``endings`` {name: {"rounding": ..., "bias_correction":
+    ...}} ("rounding" required; no "bias_correction": none). The common steps (BN folding, CLE,
+    absorption, quantizers, activation ranges) run once; each ending continues from a copy, so the
+    numbers are those of separate :func:`pipeline_accuracy` calls (tests/test_pipeline.py)."""
+    if not isinstance(fp_model, nn.Module):
+        raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    for name, ending in endings.items():
+        unknown = set(ending) - {"rounding", "bias_correction"}
+        if unknown:
+            raise ValueError(f"ending {name!r} has keys {sorted(unknown)}: only rounding and bias_correction")
+        if "rounding" not in ending:
+            raise ValueError(f"ending {name!r} needs a rounding ({' or '.join(ROUNDINGS)})")
+        check_choice(ending["rounding"], "rounding", ROUNDINGS)
+        check_choice(ending.get("bias_correction"), "bias_correction", BIAS_CORRECTIONS)
+    steps, model, bn_stats, cle_report = _prepare(fp_model, data.x_calib, config, cle, bias_absorption)
+    qmodel = _quantize(model, data.x_calib, config, steps)
+    accuracies = {}
+    for name, ending in endings.items():
+        result = _finish(copy.deepcopy(qmodel), copy.deepcopy(model), copy.deepcopy(bn_stats), data.x_calib, config, list(steps),
+                         cle_report, ending["rounding"], ending.get("bias_correction"),
+                         adaround_kw, progress)
+        accuracies[name] = evaluate(result.qmodel, data.x_test, data.y_test)
+    return accuracies
 
 
 def quantization_sensitivity(qmodel: nn.Module, x: torch.Tensor, y: torch.Tensor,

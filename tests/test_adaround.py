@@ -104,3 +104,18 @@ def test_adaround_beats_nearest_on_every_layer_digits_w4(digits):
     acc_ada = evaluate(q, data.x_test, data.y_test)
     print(f"W4A8 per-tensor: nearest {acc_nearest:.2f} %, AdaRound {acc_ada:.2f} %")
     assert acc_ada >= acc_nearest - 0.5
+
+
+def test_adam_matches_torch_optim_adam():
+    from refimpl.adaround import _Adam
+    g = torch.Generator().manual_seed(0)
+    ours = torch.randn(3, 5, generator=g)
+    theirs = torch.nn.Parameter(ours.clone())
+    opt = torch.optim.Adam([theirs], lr=1e-2)
+    adam = _Adam(ours, 1e-2)
+    for _ in range(50):
+        grad = torch.randn(3, 5, generator=g) * 10 ** float(torch.randint(-4, 2, (), generator=g))
+        theirs.grad = grad.clone()
+        opt.step()
+        adam.step(grad)
+        assert torch.equal(ours, theirs.detach())

@@ -90,3 +90,20 @@ def test_pipeline_accuracy_is_the_pipelines_test_accuracy(trained):
     cfg = QuantConfig(weight_bits=5, act_bits=8)
     r = standard_pipeline(model, data.x_calib, cfg, rounding="nearest", progress=False)
     assert pipeline_accuracy(model, data, cfg, rounding="nearest") == evaluate(r.qmodel, data.x_test, data.y_test)
+
+
+def test_pipeline_accuracies_equal_separate_pipelines(trained):
+    from refimpl.pipeline import pipeline_accuracies, pipeline_accuracy
+    model, data = trained
+    cfg = QuantConfig(weight_bits=4, act_bits=8, weight_per_channel=False, weight_range="mse")
+    endings = {"nearest": {"rounding": "nearest"}, "bc": {"rounding": "nearest", "bias_correction": "empirical"},
+               "ada": {"rounding": "adaround"}}
+    kw = {"adaround_kw": {"iterations": 20}}
+    shared = pipeline_accuracies(model, data, cfg, endings, **kw)
+    assert list(shared) == list(endings)
+    for name, ending in endings.items():
+        assert shared[name] == pipeline_accuracy(model, data, cfg, **ending, **kw), name
+    with pytest.raises(ValueError, match="only rounding"):
+        pipeline_accuracies(model, data, cfg, {"x": {"rounding": "nearest", "cle": False}})
+    with pytest.raises(ValueError, match="needs a rounding"):
+        pipeline_accuracies(model, data, cfg, {"x": {}})

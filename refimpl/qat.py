@@ -245,7 +245,7 @@ BN_MODES = ("static", "keep")
 
 def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: str = "lsq", epochs: int = 8,
                  lr: float = 3e-3, quant_lr: float | None = None, batch_size: int = 128, seed: int = 0,
-                 bn: str = "static", bn_reestimation: bool = False,
+                 bn: str = "static", bn_reestimation: bool = False, eval_each_epoch: bool = True,
                  progress: bool = True) -> tuple[torch.fx.GraphModule, dict]:
     """Quantization-aware training of a trained FP32 model: the white paper's pipeline (§4.4, Fig. 11).
 
@@ -290,7 +290,8 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     the learned scales and rounded zero points become fixed buffers), so its state_dict loads
     into ``quantize_model(fold_all_bn(fp_model), config)``; and history = {"ptq_acc": test
     accuracy (%) of the PTQ initialisation, "loss": mean training loss per epoch, "test_acc":
-    test accuracy (%) after each epoch (trainable quantizers), "final_acc": test accuracy of the
+    test accuracy (%) after each epoch (trainable quantizers; empty with ``eval_each_epoch=False``,
+    which saves those evaluations), "final_acc": test accuracy of the
     returned, frozen model (BN merged for ``bn="keep"``), and for ``bn="keep"``
     "before_reestimation_acc" (with ``bn_reestimation``) and "merge_clamped" (weight codes
     clamped by the merge, see ``merge_bn``), "seconds": wall time of the whole pipeline, "cpu_seconds": its
@@ -317,8 +318,9 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     quant_lr = lr / 10 if quant_lr is None else _check_positive(quant_lr, "quant_lr")
     batch_size = check_int(batch_size, "batch_size", low=1)
     seed = check_int(seed, "seed", low=0)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {progress!r}")
+    for name, flag in (("eval_each_epoch", eval_each_epoch), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     x, y = data.x_train, data.y_train
     if len(x) != len(y):
         raise ValueError(f"data.x_train has {len(x)} rows but data.y_train has {len(y)}")
@@ -358,8 +360,11 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
                 _clamp_scales(qmodel)
             total += loss.detach() * len(idx)
         history["loss"].append(total.item() / n)
-        history["test_acc"].append(evaluate(qmodel, data.x_test, data.y_test))
-        bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", acc=f"{history['test_acc'][-1]:.2f}")
+        if eval_each_epoch:
+            history["test_acc"].append(evaluate(qmodel, data.x_test, data.y_test))
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", acc=f"{history['test_acc'][-1]:.2f}")
+        else:
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
     # freeze: fixed (scale, integer zero point) buffers, as deployed; the state_dict then loads
     # into a plain quantize_model(...) of the same folded model and config
     set_trainable(qmodel, "none")

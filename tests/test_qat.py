@@ -185,6 +185,9 @@ def test_qat_pipeline_is_deterministic(small_fp):
     c, _ = qat_pipeline(model, data, W4A4, epochs=1, seed=4, progress=False)
     assert _state_equal(a, b) and ha["loss"] == hb["loss"] and ha["test_acc"] == hb["test_acc"]
     assert not _state_equal(a, c)
+    # skipping the per-epoch evaluations changes nothing else
+    d, hd = qat_pipeline(model, data, W4A4, epochs=1, seed=3, progress=False, eval_each_epoch=False)
+    assert _state_equal(a, d) and hd["test_acc"] == [] and hd["final_acc"] == ha["final_acc"]
     # the FP32 model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set(ha) == {"ptq_acc", "loss", "test_acc", "final_acc", "seconds", "cpu_seconds"} and len(ha["loss"]) == 1
@@ -233,6 +236,7 @@ def test_qat_state_dict_round_trip(small_fp, tmp_path):
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(progress="no"), TypeError, "progress"),
+    (dict(eval_each_epoch=1), TypeError, "eval_each_epoch"),
 ])
 def test_qat_pipeline_bad_input(small_fp, kw, exc, match):
     model, data = small_fp

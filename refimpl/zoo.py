@@ -66,7 +66,7 @@ def pretrained(dataset_name: str, arch: str = "resnet", seed: int = 0, progress:
             pass
     model, split = _train.train_fp32(dataset_name, seed=seed, progress=progress, arch=arch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")   # per process: two may train the same model at once
     torch.save({"model": model.state_dict(), "data": dataclasses.asdict(split)}, tmp)
     tmp.replace(path)   # atomic: a concurrent reader never sees half a file
     return model, split

@@ -572,3 +572,29 @@ def test_kl_ignore_zeros_on_post_relu_data(symmetric):
     assert float(kl(zeros, spec, ignore_zeros=True)[1]) == 0.0
     with pytest.raises(TypeError, match="ignore_zeros"):
         kl(x, spec, ignore_zeros=1)
+
+
+def test_mse_polish_batched_equals_the_candidate_loop():
+    """calib.mse scores its 33 float32 candidate ranges in one batched call: the same ranges as
+    scoring them one at a time (the unbatched path of _polish), on per-tensor and per-channel,
+    symmetric and asymmetric grids."""
+    from refimpl.calib import _polish, _mse_search, _row_spec, _rows
+    from refimpl.quant import fake_quant, qparams
+    gen = torch.Generator().manual_seed(0)
+    for spec, x in ((QuantSpec(4, signed=True, symmetric=True, axis=0), torch.randn(5, 300, generator=gen)),
+                    (QuantSpec(3, signed=False, symmetric=False), torch.randn(2000, generator=gen).clamp(min=0)),
+                    (QuantSpec(8, signed=True, symmetric=False, axis=0), torch.randn(3, 50, generator=gen) ** 3)):
+        X = _rows(x, spec).to(torch.float64)
+        s, zp = _mse_search(X, spec)
+        rspec = _row_spec(spec)
+
+        def one(lo, hi):
+            scale, z = qparams(lo, hi, rspec)
+            return ((fake_quant(X, scale, z, rspec) - X) ** 2).sum(dim=1)
+
+        def batched(lo, hi):
+            return torch.stack([one(lo[k], hi[k]) for k in range(lo.shape[0])])
+
+        for elements in (X.numel(), (1 << 22) // 5):      # all candidates at once; chunks of 5
+            a, b = _polish(s, zp, spec, one), _polish(s, zp, spec, batched, batch_elements=elements)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

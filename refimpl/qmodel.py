@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import calib
+from .fold import _bn_scale_shift
 from ._checks import check_choice, check_float_tensor, check_int
 from .quant import QuantSpec, fake_quant, lsq_fake_quant, lsq_grad_scale, qparams
 
@@ -830,9 +831,7 @@ def merge_bn(qmodel: torch.fx.GraphModule, return_report: bool = False):
         q = torch.round(wq(w) / s) if wq.enabled else None
         if q is None:
             raise ValueError(f"{node.target}: its weight quantizer is disabled")
-        a = (bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)) \
-            * torch.rsqrt(bn.running_var + bn.eps)
-        c = (bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)) - a * bn.running_mean
+        a, c = _bn_scale_shift(bn)      # the same per-channel affine form fold_bn folds
         q_new = q * torch.sign(a).reshape(shape)
         report[node.target] = int(((q_new < wq.spec.qmin) | (q_new > wq.spec.qmax)).sum())
         q_new = q_new.clamp(wq.spec.qmin, wq.spec.qmax)

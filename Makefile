@@ -14,14 +14,14 @@ NBVAL   := $(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with nbv
 JOBS    ?= 2
 NB_HEAVY_FIRST := $(shell printf '%s\n' $(NB) | sort -r)
 
-# Determinism of everything a chapter prints (see ../shared/book-recipe.md §6 and README):
-# the kernels inherit these, so stored outputs are reproducible under strict nbval.
-export PYTHONHASHSEED      := 0
-export TQDM_DISABLE        := 1
-export OMP_NUM_THREADS     := 1
-export MKL_NUM_THREADS     := 1
-export ATEN_CPU_CAPABILITY := avx2
-export MKL_CBWR            := AVX2
+# The numerics configuration (refimpl/numerics.py, the one place that defines it), exported to
+# every command below: the chapters' kernels, pytest and its workers inherit it. On x86-64 it makes
+# every printed number bit-identical on any CPU with AVX2 (README, "Reproducibility").
+NUMERICS_MK := $(VENV)/numerics.mk
+$(NUMERICS_MK): refimpl/numerics.py
+	@mkdir -p $(VENV) && $(PYTHON) refimpl/numerics.py --make > $@.tmp && mv $@.tmp $@
+include $(NUMERICS_MK)
+export TQDM_DISABLE := 1
 
 .PHONY: setup warm-cache test test-package test-notebooks check-notebooks book outputs bench clean
 

@@ -66,26 +66,25 @@ def init_v(frac: torch.Tensor) -> torch.Tensor:
 
 
 class _Adam:
-    """torch.optim.Adam (default betas and eps, no weight decay) on one tensor, without the
-    optimizer's per-step bookkeeping: the same operations as torch's single-tensor Adam step, so
-    the same values (checked in tests/test_adaround.py), at a fraction of the overhead — AdaRound
-    takes thousands of steps on small tensors."""
+    """torch.optim.Adam(fused=True) (default betas and eps, no weight decay) on one tensor,
+    without the optimizer's per-step bookkeeping: the same fused kernel, so the same values
+    (checked in tests/test_adaround.py), at a fraction of the overhead — AdaRound takes thousands
+    of steps on small tensors. Fused, because its square root is the same on every CPU
+    (refimpl.numerics)."""
 
     def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
         self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
         self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.steps = 0
+        # torch's fused Adam keeps the step count as a float32 tensor beside the parameter
+        self.step_count = torch.zeros((), dtype=torch.float32, device=param.device)
 
     @torch.no_grad()
     def step(self, grad: torch.Tensor) -> None:
-        beta1, beta2 = self.betas
-        self.steps += 1
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = self.lr / (1 - beta1 ** float(self.steps))
-        denom = (self.exp_avg_sq.sqrt() / (1 - beta2 ** float(self.steps)) ** 0.5).add_(self.eps)
-        self.param.addcdiv_(self.exp_avg, denom, value=-step_size)
+        self.step_count += 1
+        torch._fused_adam_([self.param], [grad], [self.exp_avg], [self.exp_avg_sq], [],
+                           [self.step_count], lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
+                           weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
 
 
 class _Stop(Exception):

@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import torch
 
+from . import numerics
+
 
 def setup(seed: int = 0) -> None:
-    """Seed every generator, pin one thread and deterministic kernels, fix print formats.
+    """Apply the numerics configuration, seed every generator, fix print formats and figure style.
 
-    The book's stored outputs are compared with fresh ones under strict nbval: float32 results
-    change with the thread count and SIMD level, so chapters call this first (the Makefile also
-    pins OMP_NUM_THREADS, ATEN_CPU_CAPABILITY and MKL_CBWR for the kernel it starts).
+    The book's stored outputs are compared with fresh ones under strict nbval, so chapters call
+    this first: :func:`refimpl.numerics.apply` (oneDNN off, one thread, deterministic kernels).
+    Its environment variables must be in place before the kernel starts (``make`` does it); on
+    x86-64 a warning names what is not, since the stored numbers then need not reproduce.
     """
+    numerics.apply()
+    if numerics.is_x86_64():
+        problems = numerics.check()
+        if problems:
+            warnings.warn("this kernel does not run under the book's numerics configuration, so "
+                          "its numbers may differ from the stored ones in the last digits (start "
+                          "it through make, see the README): " + "; ".join(problems), stacklevel=2)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     torch.set_printoptions(precision=4, sci_mode=False)
     np.set_printoptions(precision=4, suppress=True)
     import matplotlib

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ._checks import all_finite, check_float_tensor, check_int, normalize_axis
+from .numerics import sqrt
 from .quant.functional import fake_quant, qparams
 from .quant.spec import QuantSpec
 
@@ -469,7 +470,7 @@ def _relative_tolerance(count: torch.Tensor) -> torch.Tensor:
     # The error is a smooth trend plus the fluctuation of the rounding errors, a sum of n bounded
     # terms of relative size ~1/sqrt(n) (measured: a grid cell next to the exact optimum lies up
     # to ~3/sqrt(n) above the best grid value); cells further above cannot hide a better minimum.
-    return 6.0 / torch.sqrt(count.clamp(min=1).to(torch.float64)) + 1e-3
+    return 6.0 / sqrt(count.clamp(min=1).to(torch.float64)) + 1e-3
 
 
 def _mse_search(X: torch.Tensor, spec: QuantSpec):

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ._checks import check_choice, check_int
+from .numerics import sqrt
 from .fold import _trace, fold_all_bn
 
 __all__ = [
@@ -367,7 +368,7 @@ def cross_layer_equalization(model: nn.Module, iterations: int = 100, tol: float
                 r1 = weight_ranges(l1, "out").double()
                 r2 = weight_ranges(l2, "in").double()
                 ok = (r1 > 0) & (r2 > 0)
-                s = torch.where(ok, torch.sqrt(r1 * r2) / torch.where(ok, r2, 1.0), torch.ones_like(r1))
+                s = torch.where(ok, sqrt(r1 * r2) / torch.where(ok, r2, 1.0), torch.ones_like(r1))
                 _scale_out(l1, s)
                 _scale_in(l2, s)
                 report.output_scales[a.target] *= s

@@ -3,8 +3,9 @@
 :func:`pretrained` returns exactly what :func:`refimpl.train.train_fp32` returns for the same
 arguments — training is deterministic (seeded weights and batch order, one thread) — and stores
 the result under a key that covers everything the result depends on: the arguments, the training
-defaults, the PyTorch version, the thread count, the CPU kernels' instruction set
-(``ATEN_CPU_CAPABILITY``) and ``MKL_CBWR``, and the source code of ``refimpl.models``,
+defaults, the PyTorch version, :func:`refimpl.numerics.signature` (one value on every x86-64 CPU
+under the book's numerics configuration; else the platform, the dispatch level and what of the
+configuration is off), and the source code of ``refimpl.models``,
 ``refimpl.train`` and ``refimpl.data``. Change any of them and the model is trained afresh. The
 cache lives in ``$REFIMPL_CACHE`` if set, else ``.cache/refimpl`` at the repository root; delete it
 at will. Files are loaded with ``torch.load(..., weights_only=True)``.
@@ -22,6 +23,7 @@ import torch
 
 from . import data as _data
 from . import models as _models
+from . import numerics as _numerics
 from . import train as _train
 from ._checks import check_choice, check_int
 
@@ -39,10 +41,9 @@ def cache_key(dataset_name: str, arch: str, seed: int) -> str:
     """Hex digest of everything a trained model depends on (see the module docstring)."""
     h = hashlib.sha256()
     entry = _train.TRAIN_DEFAULTS.get((dataset_name, arch))
-    # the kernels' instruction set and threading change float results (see the Makefile)
+    # kernels, threads and libraries' code paths change float results (refimpl.numerics)
     h.update(json.dumps([dataset_name, arch, seed, repr(entry), torch.__version__,
-                         torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(),
-                         os.environ.get("MKL_CBWR", "")]).encode())
+                         _numerics.signature()]).encode())
     for mod in (_models, _train, _data):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:24]

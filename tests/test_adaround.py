@@ -106,12 +106,12 @@ def test_adaround_beats_nearest_on_every_layer_digits_w4(digits):
     assert acc_ada >= acc_nearest - 0.5
 
 
-def test_adam_matches_torch_optim_adam():
+def test_adam_matches_torch_optim_adam_fused():
     from refimpl.adaround import _Adam
     g = torch.Generator().manual_seed(0)
     ours = torch.randn(3, 5, generator=g)
     theirs = torch.nn.Parameter(ours.clone())
-    opt = torch.optim.Adam([theirs], lr=1e-2)
+    opt = torch.optim.Adam([theirs], lr=1e-2, fused=True)
     adam = _Adam(ours, 1e-2)
     for _ in range(50):
         grad = torch.randn(3, 5, generator=g) * 10 ** float(torch.randint(-4, 2, (), generator=g))

@@ -10,8 +10,12 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from refimpl import numerics  # noqa: E402
+
 
 def main(paths):
+    numerics.set_environment()   # the kernels inherit it (refimpl/numerics.py)
     for name in paths:
         path = Path(name)
         nb = nbformat.read(path, as_version=4)

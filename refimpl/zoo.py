@@ -5,8 +5,8 @@ arguments — training is deterministic (seeded weights and batch order, one thr
 the result under a key that covers everything the result depends on: the arguments, the training
 defaults, the PyTorch version, :func:`refimpl.numerics.signature` (one value on every x86-64 CPU
 under the book's numerics configuration; else the platform, the dispatch level and what of the
-configuration is off), and the source code of ``refimpl.models``,
-``refimpl.train`` and ``refimpl.data``. Change any of them and the model is trained afresh. The
+configuration is off), and the source code of ``refimpl.models``, ``refimpl.train``,
+``refimpl.data`` and ``refimpl.numerics``. Change any of them and the model is trained afresh. The
 cache lives in ``$REFIMPL_CACHE`` if set, else ``.cache/refimpl`` at the repository root; delete it
 at will. Files are loaded with ``torch.load(..., weights_only=True)``.
 """
@@ -44,7 +44,7 @@ def cache_key(dataset_name: str, arch: str, seed: int) -> str:
     # kernels, threads and libraries' code paths change float results (refimpl.numerics)
     h.update(json.dumps([dataset_name, arch, seed, repr(entry), torch.__version__,
                          _numerics.signature()]).encode())
-    for mod in (_models, _train, _data):
+    for mod in (_models, _train, _data, _numerics):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:24]
 

@@ -2,7 +2,7 @@
 prints, as JSON, hashes of the bits it computes (trained weights, quantized models, ranges) and
 the accuracies, so that two runs under different (real or emulated) CPUs can be compared.
 
-Usage: python tests/numerics_workload.py tiny|small|full
+Usage: python tests/numerics_workload.py tiny|small|full [--mkldnn]
 - tiny (for CPUs emulated by qemu-user, ~100x slower): digits, ResNet and MobileNetV2-style
   models, two steps of FP32 training, two QAT steps, the standard PTQ pipeline (CLE, bias
   absorption, MSE ranges) with two AdaRound iterations, the range-setting methods;
@@ -11,6 +11,7 @@ Usage: python tests/numerics_workload.py tiny|small|full
 
 It applies the book's configuration as a chapter does (refimpl.book.setup) and reports
 refimpl.numerics.check(), so a run outside the configuration is visible in its output.
+``--mkldnn`` turns oneDNN back on after set-up (tools/numerics_levers.py measures that lever).
 """
 
 import dataclasses
@@ -48,7 +49,7 @@ def subset(data, n_train: int, n_test: int, n_calib: int):
                                x_calib=data.x_calib[:n_calib])
 
 
-def run(size: str) -> dict:
+def run(size: str, mkldnn: bool = False) -> dict:
     import torch
 
     from refimpl import calib, numerics
@@ -61,6 +62,8 @@ def run(size: str) -> dict:
     from refimpl.train import TRAIN_DEFAULTS, evaluate, train
 
     setup()
+    if mkldnn:
+        torch.backends.mkldnn.enabled = True
     out = {"problems": numerics.check(), "signature": numerics.signature()}
     full, tiny = size == "full", size == "tiny"
     cases = [("digits", "resnet"), ("digits", "mobilenetv2")]
@@ -112,6 +115,6 @@ def run(size: str) -> dict:
 
 if __name__ == "__main__":
     size = sys.argv[1] if len(sys.argv) > 1 else "small"
-    if size not in ("tiny", "small", "full"):
-        raise SystemExit("usage: python tests/numerics_workload.py tiny|small|full")
-    json.dump(run(size), sys.stdout, indent=1, sort_keys=True)
+    if size not in ("tiny", "small", "full") or set(sys.argv[2:]) - {"--mkldnn"}:
+        raise SystemExit("usage: python tests/numerics_workload.py tiny|small|full [--mkldnn]")
+    json.dump(run(size, "--mkldnn" in sys.argv[2:]), sys.stdout, indent=1, sort_keys=True)

@@ -76,14 +76,17 @@ def environment(base=None) -> dict:
 
 
 def set_environment() -> None:
-    """Put :data:`ENV` into ``os.environ``: for this process's libraries not yet initialised and
-    for every subprocess it starts (notebook kernels, pytest-xdist workers)."""
-    os.environ.update(ENV)
+    """Put :data:`ENV` into ``os.environ`` where a variable is not set already: for this process's
+    libraries not yet initialised and for every subprocess it starts (notebook kernels,
+    pytest-xdist workers). A value set otherwise is left alone, and :func:`check` reports it."""
+    for key, value in ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def apply() -> None:
-    """Apply the configuration to this process: :data:`ENV` in ``os.environ``, oneDNN off, one
-    thread, deterministic algorithms. Call it before the first computation (see :func:`check`)."""
+    """Apply the configuration to this process: :data:`ENV` in ``os.environ`` (where unset), oneDNN
+    off, one thread, deterministic algorithms. Call it before the first computation (see
+    :func:`check`)."""
     set_environment()
     import torch
 

@@ -92,17 +92,36 @@ def digits():
 
 
 def test_adaround_beats_nearest_on_every_layer_digits_w4(digits):
+    """AdaRound lowers each layer's reconstruction error (the objective it minimises, on the same
+    calibration data), and that carries to the network: its logits are closer to FP32's than
+    nearest rounding's, and it does not cost accuracy. Measured (FP32 seeds 0-7; seeds 0-2 also
+    with ATen's default kernels, with oneDNN, and at AVX-512 without MKL_CBWR): per layer at most
+    0.89 of nearest's error; logits 0.06-0.24 of nearest's squared error.
+
+    The accuracy is compared on all 1797 digits (train and test), where 0.5 points are 9
+    samples: on the 450 test samples alone nearest rounding is within a point or two of FP32 at
+    W4A8 and AdaRound's lead moved between -2 and +9 samples with the seed or the float path
+    (chapter 5: "well within the spread over seeds"), so a 2-sample bound there hinged on the CPU.
+    Measured on all digits: AdaRound +1 to +25 samples (bound: -9)."""
     from refimpl.train import evaluate
     fp, data = digits
+    x_all, y_all = torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test])
     q = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=8, weight_per_channel=False))
     calibrate(q, data.x_calib)
-    acc_nearest = evaluate(q, data.x_test, data.y_test)
+    acc_nearest = evaluate(q, x_all, y_all)
+    with torch.no_grad():
+        ref, out_nearest = fp(data.x_test), q(data.x_test)
     report = adaround(q, fp, data.x_calib, iterations=150, progress=False)
     for r in report:
         print(f"{r['layer']:24s} nearest {r['mse_nearest']:.4g}  adaround {r['mse_adaround']:.4g}")
         assert r["mse_adaround"] < r["mse_nearest"], r
-    acc_ada = evaluate(q, data.x_test, data.y_test)
-    print(f"W4A8 per-tensor: nearest {acc_nearest:.2f} %, AdaRound {acc_ada:.2f} %")
+    acc_ada = evaluate(q, x_all, y_all)
+    with torch.no_grad():
+        out_ada = q(data.x_test)
+    err_nearest, err_ada = float((out_nearest - ref).pow(2).mean()), float((out_ada - ref).pow(2).mean())
+    print(f"W4A8 per-tensor, all digits: nearest {acc_nearest:.2f} %, AdaRound {acc_ada:.2f} %; "
+          f"test logits' squared error to FP32: nearest {err_nearest:.4g}, AdaRound {err_ada:.4g}")
+    assert err_ada < 0.5 * err_nearest
     assert acc_ada >= acc_nearest - 0.5
 
 

@@ -165,9 +165,15 @@ W4A4 = QuantConfig(weight_bits=4, act_bits=4)
 
 
 @pytest.fixture(scope="module")
-def small_fp():
-    """A briefly trained digits ResNet and a 512-row training subset (keeps each QAT epoch short)."""
-    model, data = train_fp32("digits", seed=0, progress=False, epochs=4)
+def brief_fp():
+    """A briefly trained digits ResNet (4 epochs) and its full data split."""
+    return train_fp32("digits", seed=0, progress=False, epochs=4)
+
+
+@pytest.fixture(scope="module")
+def small_fp(brief_fp):
+    """The briefly trained digits ResNet and a 512-row training subset (keeps each QAT epoch short)."""
+    model, data = brief_fp
     small = dataclasses.replace(data, x_train=data.x_train[:512], y_train=data.y_train[:512])
     return model, small
 
@@ -194,17 +200,31 @@ def test_qat_pipeline_is_deterministic(small_fp):
 
 
 @pytest.mark.parametrize("trainable", ["lsq", "ste"])
-def test_qat_improves_over_its_ptq_initialisation_at_w4a4(small_fp, trainable):
-    # per-tensor min-max W4A4: a PTQ start well below FP32 (measured: FP32 97.3 %, PTQ 89.6 %),
-    # that 3 short epochs of QAT mostly recover (measured: lsq 95.8 %, ste 96.0 %)
-    model, data = small_fp
-    cfg = QuantConfig(weight_bits=4, act_bits=4, weight_per_channel=False)
+def test_qat_improves_over_its_ptq_initialisation_at_w2a8(brief_fp, trainable):
+    """QAT recovers at least half of the accuracy that PTQ loses, measured against its own PTQ
+    start and FP32 model in the same run, in a setting where PTQ loses most of it by construction.
+
+    2-bit per-tensor min-max weights: codes {-2, -1, 0, 1} with step max|w| / 1.5, so every weight
+    below max|w| / 3 in magnitude rounds to 0 (about two thirds of them) and the PTQ start is
+    far below FP32, whatever the float path (measured 20-51 %; chance is 10 %). The former W4A4
+    per-tensor version of this test hinged on one CPU's float path: its PTQ start moves with the
+    float path (seed 0: 89.6-92.0 %) and the seed (88-95 %), and with it the room QAT has to
+    improve (FP32 - PTQ 1.8-8.0 points), against a fixed "+5 points".
+    Measured for this test (FP32 seeds 0-7; seeds 0-2 also with ATen's default kernels, with
+    oneDNN, and at AVX-512 without MKL_CBWR): FP32 - PTQ 46-77 points; QAT closes 74-94 % of it
+    (mean 86 %, sd 6 %), at least 16 points more than half."""
+    model, data = brief_fp
+    cfg = QuantConfig(weight_bits=2, act_bits=8, weight_per_channel=False)
     fp = evaluate(model, data.x_test, data.y_test)
     q, h = qat_pipeline(model, data, cfg, trainable=trainable, epochs=3, lr=1e-3, seed=0, progress=False)
-    assert h["ptq_acc"] < fp - 5, (fp, h)
-    assert h["test_acc"][-1] > h["ptq_acc"] + 5, h
+    lost = fp - h["ptq_acc"]
+    assert lost > 25, (fp, h)                                        # the start leaves room to recover
+    # no training (or a broken update) recovers nothing: 0 % of the loss
+    assert h["test_acc"][-1] - h["ptq_acc"] >= 0.5 * lost, (fp, h)
     assert evaluate(q, data.x_test, data.y_test) == h["final_acc"]
-    assert abs(h["final_acc"] - h["test_acc"][-1]) <= 1.0   # freezing the quantizers changes ~nothing
+    # freezing the quantizers keeps the function up to float rounding: at most 4 of 450 test
+    # predictions may change (measured: none)
+    assert abs(h["final_acc"] - h["test_acc"][-1]) <= 1.0
 
 
 def test_qat_state_dict_round_trip(small_fp, tmp_path):

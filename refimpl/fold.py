@@ -20,7 +20,9 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["fold_bn", "fold_all_bn", "bn_statistics", "reestimate_bn", "FOLDABLE_PAIRS"]
+from .graph import BN_LAYERS, call_counts, is_weight_layer, out_channels, trace
+
+__all__ = ["fold_bn", "fold_all_bn", "bn_statistics", "bn_scale_shift", "reestimate_bn", "FOLDABLE_PAIRS"]
 
 # (layer class, BatchNorm class) pairs that fold. Linear -> BatchNorm1d assumes the Linear
 # output is (N, features), as torch.nn.utils.fusion.fuse_linear_bn_eval does.
@@ -30,32 +32,28 @@ FOLDABLE_PAIRS = (
     (nn.Conv3d, nn.BatchNorm3d),
     (nn.Linear, nn.BatchNorm1d),
 )
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _out_features(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _check_pair(layer, bn) -> None:
-    if not isinstance(layer, _LAYER_TYPES) or isinstance(layer, nn.modules.conv._ConvTransposeNd):
+    if not is_weight_layer(layer):
         raise TypeError(f"layer must be a Conv1d/Conv2d/Conv3d/Linear, got {type(layer).__name__}")
-    if not isinstance(bn, _BN_TYPES):
+    if not isinstance(bn, BN_LAYERS):
         raise TypeError(f"bn must be a BatchNorm1d/2d/3d, got {type(bn).__name__}")
     if not any(isinstance(layer, lt) and type(bn) is bt for lt, bt in FOLDABLE_PAIRS):
         raise TypeError(f"cannot fold {type(bn).__name__} into {type(layer).__name__}: "
                         f"allowed pairs are {[(a.__name__, b.__name__) for a, b in FOLDABLE_PAIRS]}")
-    if bn.num_features != _out_features(layer):
+    if bn.num_features != out_channels(layer):
         raise ValueError(f"bn.num_features={bn.num_features} does not match the layer's "
-                         f"{_out_features(layer)} output channels")
+                         f"{out_channels(layer)} output channels")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("bn has no running statistics (track_running_stats=False): "
                          "an eval-mode BatchNorm needs running_mean/running_var to fold")
 
 
-def _bn_scale_shift(bn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BN as y = a * x + c per channel: a = gamma / sqrt(var + eps), c = beta - a * mean."""
+def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as y = a * x + c per channel: a = gamma / sqrt(var + eps), c = beta - a * mean
+    (white paper §2.3.1, eq. 11). bn: a BatchNorm with running statistics; returns two detached
+    (C,) tensors in its dtype. Used by :func:`fold_bn` and ``refimpl.qmodel.merge_bn``."""
     var, mean = bn.running_var.detach(), bn.running_mean.detach()
     gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
     beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(mean)
@@ -75,7 +73,7 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     ``torch.nn.utils.fusion.fuse_conv_bn_eval`` / ``fuse_linear_bn_eval``.
     """
     _check_pair(layer, bn)
-    a, c = _bn_scale_shift(bn)
+    a, c = bn_scale_shift(bn)
     w = layer.weight.detach()
     # The output channel is dim 0 of the weight for Conv (any groups) and Linear alike.
     shape = (-1,) + (1,) * (w.dim() - 1)
@@ -89,24 +87,6 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     return fused
 
 
-def _trace(model: nn.Module, tracer: torch.fx.Tracer | None = None) -> torch.fx.GraphModule:
-    """symbolic_trace (or ``tracer``) with a clear error when fx cannot trace the model."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.fx.GraphModule):
-        # Re-wrap so graph edits never touch the caller's graph.
-        return torch.fx.GraphModule(model, copy.deepcopy(model.graph))
-    try:
-        if tracer is None:
-            return torch.fx.symbolic_trace(model)
-        return torch.fx.GraphModule(model, tracer.trace(model), type(model).__name__)
-    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ... depending on the cause
-        raise TypeError(
-            f"model {type(model).__name__} cannot be traced by torch.fx.symbolic_trace "
-            f"({type(e).__name__}: {e}); BN folding and the PTQ transforms need an fx-traceable model without "
-            "data-dependent control flow") from e
-
-
 def _foldable_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
     """(layer node, bn node) pairs in graph order where the layer's only user is a matching BN.
 
@@ -115,27 +95,22 @@ def _foldable_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch
     called at several sites (shared weights) is not folded either.
     """
     modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    calls = call_counts(gm)
     pairs = []
     for n in gm.graph.nodes:
-        if n.op != "call_module" or not isinstance(modules[n.target], _BN_TYPES):
+        if n.op != "call_module" or not isinstance(modules[n.target], BN_LAYERS):
             continue
         if not n.args or not isinstance(n.args[0], torch.fx.Node):
             continue
         prev = n.args[0]
-        if prev.op != "call_module" or not isinstance(modules[prev.target], _LAYER_TYPES):
+        if prev.op != "call_module" or not is_weight_layer(modules[prev.target]):
             continue
         layer, bn = modules[prev.target], modules[n.target]
-        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
-            continue
         if len(prev.users) != 1 or calls[prev.target] != 1 or calls[n.target] != 1:
             continue
         if not any(isinstance(layer, lt) and type(bn) is bt for lt, bt in FOLDABLE_PAIRS):
             continue
-        if bn.num_features != _out_features(layer) or bn.running_mean is None:
+        if bn.num_features != out_channels(layer) or bn.running_mean is None:
             continue
         pairs.append((prev, n))
     return pairs
@@ -144,7 +119,8 @@ def _foldable_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch
 def fold_all_bn(model: nn.Module) -> torch.fx.GraphModule:
     """A new eval-mode GraphModule with every foldable Conv/Linear -> BatchNorm pair folded.
 
-    The model is traced with ``torch.fx.symbolic_trace`` (TypeError if it cannot be). A pair is
+    The model is traced with ``torch.fx.symbolic_trace`` (``refimpl.graph.trace``: ValueError if
+    it cannot be). A pair is
     folded when a Conv1d/2d/3d or Linear node's only user is a BatchNorm of matching dimension
     (Conv1d/Linear -> BatchNorm1d, Conv2d -> BatchNorm2d, Conv3d -> BatchNorm3d) and
     num_features; the folded layer (``fold_bn``) keeps the conv's qualified name (e.g.
@@ -153,7 +129,7 @@ def fold_all_bn(model: nn.Module) -> torch.fx.GraphModule:
     anything else, modules called at several sites, BNs without running statistics.
     Outputs equal ``model.eval()(x)`` up to float rounding. The input model is not modified.
     """
-    gm = _trace(copy.deepcopy(model) if isinstance(model, nn.Module) else model)
+    gm = trace(model)
     for layer_node, bn_node in _foldable_pairs(gm):
         layer, bn = gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target)
         fused = fold_bn(layer, bn)
@@ -182,7 +158,7 @@ def bn_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
     without affine parameters gives beta = 0, gamma = 1. Tensors are detached copies, shape
     (C_out,), in the BN's dtype and device. The model is not modified.
     """
-    gm = _trace(model)
+    gm = trace(model)
     out = {}
     for layer_node, bn_node in _foldable_pairs(gm):
         bn = gm.get_submodule(bn_node.target)
@@ -217,7 +193,7 @@ def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> i
         raise ValueError(f"batch_size must be an int >= 2 (a batch variance needs two samples), got {batch_size!r}")
     if len(x) < 2:
         raise ValueError(f"x must hold at least 2 samples to estimate a variance, got {len(x)}")
-    bns = [m for m in model.modules() if isinstance(m, _BN_TYPES)]
+    bns = [m for m in model.modules() if isinstance(m, BN_LAYERS)]
     if not bns:
         return 0
     missing = [type(m).__name__ for m in bns if m.running_mean is None]

@@ -55,7 +55,7 @@ def run(size: str, mkldnn: bool = False) -> dict:
     from refimpl import calib, numerics
     from refimpl.data import load_dataset
     from refimpl.models import make_model
-    from refimpl.pipeline import standard_pipeline
+    from refimpl.ptq import standard_pipeline
     from refimpl.qat import qat_pipeline
     from refimpl.qmodel import QuantConfig
     from refimpl.quant.spec import QuantSpec
@@ -87,8 +87,8 @@ def run(size: str, mkldnn: bool = False) -> dict:
         out[f"{tag}.fp32.loss"] = [float(v).hex() for v in hist["loss"]]
         out[f"{tag}.fp32.acc"] = evaluate(model, data.x_test, data.y_test)
 
-        cfg = QuantConfig(weight_bits=4, act_bits=8, weight_range="mse", act_range="mse")
-        r = standard_pipeline(model, data.x_calib, cfg, rounding="adaround",
+        cfg = QuantConfig(weight_bits=4, act_bits=8, weight_range_method="mse", act_range_method="mse")
+        r = standard_pipeline(model, data.x_calib, cfg, adaround=True,
                               adaround_kw={"iterations": ada_iters, "batch_size": 16 if tiny else 32},
                               progress=False)
         out[f"{tag}.ptq.weights"] = digest(r.qmodel.state_dict())

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from refimpl.adaround import GAMMA, ZETA, adaround, init_v, rectified_sigmoid, rounding_regularizer
+from refimpl.ptq.adaround import GAMMA, ZETA, adaround, init_v, rectified_sigmoid, rounding_regularizer
 from refimpl.fold import fold_all_bn
 from refimpl.qmodel import QuantConfig, calibrate, quantize_model, weight_quantizers
 
@@ -126,7 +126,7 @@ def test_adaround_beats_nearest_on_every_layer_digits_w4(digits):
 
 
 def test_adam_matches_torch_optim_adam_fused():
-    from refimpl.adaround import _Adam
+    from refimpl.ptq.adaround import _Adam
     g = torch.Generator().manual_seed(0)
     ours = torch.randn(3, 5, generator=g)
     theirs = torch.nn.Parameter(ours.clone())

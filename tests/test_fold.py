@@ -196,7 +196,7 @@ class _Untraceable(nn.Module):
 
 
 def test_untraceable_model_error():
-    with pytest.raises(TypeError, match="torch.fx"):
+    with pytest.raises(ValueError, match="torch.fx"):
         fold_all_bn(_Untraceable())
     with pytest.raises(TypeError, match="model"):
         fold_all_bn("not a model")

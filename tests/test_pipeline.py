@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from refimpl.fold import fold_all_bn
-from refimpl.pipeline import quantization_sensitivity, standard_pipeline
+from refimpl.ptq import quantization_sensitivity, standard_pipeline
 from refimpl.qmodel import (QuantConfig, act_quantizers, calibrate, quant_layers, quantize_model,
                             set_quant_state, weight_quantizers)
 from refimpl.train import evaluate
@@ -21,7 +21,7 @@ def test_plain_pipeline_equals_insert_and_calibrate(trained):
     model, data = trained
     cfg = QuantConfig(weight_bits=6, act_bits=8, weight_per_channel=False)
     r = standard_pipeline(model, data.x_calib, cfg, cle=False, bias_absorption=False,
-                          rounding="nearest", progress=False)
+                          adaround=False, progress=False)
     assert r.steps == ["fold BatchNorm", "quantizers (6-bit weights, minmax ranges)",
                        "activation ranges (minmax)"]
     by_hand = quantize_model(fold_all_bn(model), cfg)
@@ -35,7 +35,7 @@ def test_plain_pipeline_equals_insert_and_calibrate(trained):
 def test_cle_and_bias_correction_steps_keep_fp32_function(trained):
     model, data = trained
     cfg = QuantConfig(weight_bits=4, act_bits=8, weight_per_channel=False)
-    r = standard_pipeline(model, data.x_calib, cfg, rounding="nearest",
+    r = standard_pipeline(model, data.x_calib, cfg, adaround=False,
                           bias_correction="empirical", progress=False)
     assert r.steps[:3] == ["fold BatchNorm", "cross-layer equalization", "high-bias absorption"]
     assert "bias correction (empirical)" in r.steps and r.steps[-1] == "activation ranges again"
@@ -43,7 +43,7 @@ def test_cle_and_bias_correction_steps_keep_fp32_function(trained):
     # the reference after folding, CLE and absorption computes the FP32 function (ResNet: ReLU only)
     torch.testing.assert_close(r.fp_model(x), model(x), rtol=1e-4, atol=1e-4)
     assert r.cle_report is not None
-    r2 = standard_pipeline(model, data.x_calib, cfg, rounding="nearest",
+    r2 = standard_pipeline(model, data.x_calib, cfg, adaround=False,
                            bias_correction="analytic", progress=False)
     assert "bias correction (analytic)" in r2.steps
 
@@ -51,14 +51,16 @@ def test_cle_and_bias_correction_steps_keep_fp32_function(trained):
 def test_pipeline_rejects_bad_arguments(trained):
     model, data = trained
     cfg = QuantConfig()
-    with pytest.raises(ValueError, match="rounding"):
-        standard_pipeline(model, data.x_calib, cfg, rounding="stochastic")
+    with pytest.raises(TypeError, match="'rounding' is now spelled 'adaround'"):
+        standard_pipeline(model, data.x_calib, cfg, rounding="nearest")
+    with pytest.raises(TypeError, match="adaround must be a bool"):
+        standard_pipeline(model, data.x_calib, cfg, adaround="yes")
     with pytest.raises(ValueError, match="bias_correction"):
         standard_pipeline(model, data.x_calib, cfg, bias_correction="both")
     with pytest.raises(TypeError, match="config"):
         standard_pipeline(model, data.x_calib, {"weight_bits": 8})
     with pytest.raises(ValueError, match="BatchNorm"):
-        standard_pipeline(fold_all_bn(model), data.x_calib, cfg, rounding="nearest",
+        standard_pipeline(fold_all_bn(model), data.x_calib, cfg, adaround=False,
                           bias_correction="analytic")
 
 
@@ -85,25 +87,27 @@ def test_sensitivity_matches_switching_by_hand(trained):
 
 
 def test_pipeline_accuracy_is_the_pipelines_test_accuracy(trained):
-    from refimpl.pipeline import pipeline_accuracy
+    from refimpl.ptq import pipeline_accuracy
     model, data = trained
     cfg = QuantConfig(weight_bits=5, act_bits=8)
-    r = standard_pipeline(model, data.x_calib, cfg, rounding="nearest", progress=False)
-    assert pipeline_accuracy(model, data, cfg, rounding="nearest") == evaluate(r.qmodel, data.x_test, data.y_test)
+    r = standard_pipeline(model, data.x_calib, cfg, adaround=False, progress=False)
+    assert pipeline_accuracy(model, data, cfg, adaround=False) == evaluate(r.qmodel, data.x_test, data.y_test)
 
 
 def test_pipeline_accuracies_equal_separate_pipelines(trained):
-    from refimpl.pipeline import pipeline_accuracies, pipeline_accuracy
+    from refimpl.ptq import pipeline_accuracies, pipeline_accuracy
     model, data = trained
-    cfg = QuantConfig(weight_bits=4, act_bits=8, weight_per_channel=False, weight_range="mse")
-    endings = {"nearest": {"rounding": "nearest"}, "bc": {"rounding": "nearest", "bias_correction": "empirical"},
-               "ada": {"rounding": "adaround"}}
+    cfg = QuantConfig(weight_bits=4, act_bits=8, weight_per_channel=False, weight_range_method="mse")
+    endings = {"nearest": {"adaround": False}, "bc": {"adaround": False, "bias_correction": "empirical"},
+               "ada": {"adaround": True}}
     kw = {"adaround_kw": {"iterations": 20}}
     shared = pipeline_accuracies(model, data, cfg, endings, **kw)
     assert list(shared) == list(endings)
     for name, ending in endings.items():
         assert shared[name] == pipeline_accuracy(model, data, cfg, **ending, **kw), name
-    with pytest.raises(ValueError, match="only rounding"):
-        pipeline_accuracies(model, data, cfg, {"x": {"rounding": "nearest", "cle": False}})
-    with pytest.raises(ValueError, match="needs a rounding"):
+    with pytest.raises(ValueError, match="only adaround"):
+        pipeline_accuracies(model, data, cfg, {"x": {"adaround": False, "cle": False}})
+    with pytest.raises(ValueError, match="now spelled 'adaround'"):
+        pipeline_accuracies(model, data, cfg, {"x": {"rounding": "nearest"}})
+    with pytest.raises(ValueError, match="needs adaround"):
         pipeline_accuracies(model, data, cfg, {"x": {}})

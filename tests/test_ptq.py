@@ -251,7 +251,7 @@ def test_high_bias_absorption_exact_when_preactivation_above_c(padding):
     # statistics whose beta - 3 gamma is the smallest pre-activation: c <= z everywhere
     stats = {"c1": (zmin + 3 * std, std)}
     before = _state(m)
-    hm, new_stats = high_bias_absorption(m, stats, return_stats=True)
+    hm, new_stats = high_bias_absorption(m, stats, return_report=True)
     assert _same_state(before, m)
     c = torch.clamp(zmin, min=0)
     assert (c > 0).sum() >= 3
@@ -363,7 +363,7 @@ def test_bias_correction_analytic_matches_empirical(act, kind):
     fp = _Gauss(beta, gamma, act).double().eval()
     q = _standin_qmodel(fp, skip=("p",))
     before = _state(q)
-    qa, corr = bias_correction_analytic(q, {"p": (beta, gamma)}, return_corrections=True)
+    qa, corr = bias_correction_analytic(q, {"p": (beta, gamma)}, return_report=True)
     assert _same_state(before, q) and set(corr) == {"conv"}
     # independent expectation: E[x] by Monte Carlo through the real activation, padding 0
     x = torch.randn(4000, 4, 5, 5, dtype=torch.float64)
@@ -378,7 +378,7 @@ def test_bias_correction_analytic_matches_empirical(act, kind):
     measured = nn.functional.conv2d(act(fp.p(x)), dw).mean((0, 2, 3)).detach()
     torch.testing.assert_close(measured, expected, rtol=0, atol=5e-3 * dw.abs().sum((1, 2, 3)).max().item())
     for ref in ("same_input", "fp_model"):
-        qe, ce = bias_correction_empirical(q, fp, x, batch_size=1000, reference=ref, return_corrections=True)
+        qe, ce = bias_correction_empirical(q, fp, x, batch_size=1000, reference=ref, return_report=True)
         torch.testing.assert_close(ce["conv"], measured, rtol=1e-9, atol=1e-9)
     # the mean output error after analytic correction is small compared to before
     err_before = (q(x) - fp(x)).mean((0, 2, 3)).abs().max()
@@ -479,10 +479,10 @@ def test_bias_correction_with_quantize_model():
     q = qmodel_mod.quantize_model(fp, qmodel_mod.QuantConfig(weight_bits=4, act_bits=8))
     qmodel_mod.calibrate(q, x)
     before = _state(q)
-    qa, ca = bias_correction_analytic(q, stats, return_corrections=True)
+    qa, ca = bias_correction_analytic(q, stats, return_report=True)
     # inputs from conv -> ReLU (through the activation quantizer); not after residual adds
     assert list(ca) == ["blocks.0.conv1", "blocks.0.conv2", "blocks.1.conv2"]
-    qe, ce = bias_correction_empirical(q, fp, x, return_corrections=True)
+    qe, ce = bias_correction_empirical(q, fp, x, return_report=True)
     assert _same_state(before, q)
     assert set(ce) == set(qmodel_mod.quant_layers(q))
     ref = fp(x)

@@ -236,7 +236,7 @@ def test_weight_qparams_match_torch_observers(per_channel, symmetric):
 
 def test_state_dict_round_trip():
     fp = _resnet()
-    cfg = QuantConfig(weight_bits=4, act_bits=6, weight_per_channel=True, act_range="percentile")
+    cfg = QuantConfig(weight_bits=4, act_bits=6, weight_per_channel=True, act_range_method="percentile")
     q = quantize_model(fp, cfg)
     x = _x((32, 1, 8, 8))
     calibrate(q, x)

@@ -41,28 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ._checks import check_float_tensor, check_int
-from .qmodel import quant_layers
+from .._checks import check_float_tensor, check_int
+from ..capture import capture_activations
+from ..graph import fused_relu, nodes_of
+from ..qmodel import quant_layers
+from ..quant.adaround import GAMMA, ZETA, init_v, rectified_sigmoid, rounding_regularizer, soft_rounded_weight
 
 __all__ = ["adaround", "rectified_sigmoid", "rounding_regularizer", "init_v", "ZETA", "GAMMA"]
-
-ZETA, GAMMA = 1.1, -0.1
-
-
-def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
-    """h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1) (AdaRound eq. 23); V's shape."""
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-
-
-def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
-    """f_reg = sum 1 - |2 h(V) - 1|^beta (AdaRound eq. 24): 0 when every h is 0 or 1. 0-d."""
-    return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
-
-
-def init_v(frac: torch.Tensor) -> torch.Tensor:
-    """V such that h(V) = frac, for frac in [0, 1) (the inverse of eq. 23 inside the clip)."""
-    p = (frac - GAMMA) / (ZETA - GAMMA)                   # in [1/12, 11/12): no infinities
-    return torch.log(p) - torch.log1p(-p)
 
 
 class _Adam:
@@ -87,79 +72,27 @@ class _Adam:
                            weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
 
 
-class _Stop(Exception):
-    pass
-
-
 def _activation_after(qmodel, name: str):
-    """The ReLU/ReLU6 fused into layer ``name`` (its only user in the graph), else None."""
-    from .qmodel import _is_relu   # the same rule as the quantizer placement
+    """The ReLU/ReLU6 fused into layer ``name`` (its only user in the graph, ``refimpl.graph.fused_relu``:
+    the same rule as the quantizer placement), as a callable, else None."""
     modules = dict(qmodel.named_modules())
     for node in qmodel.graph.nodes:
         if node.op == "call_module" and node.target == name:
-            users = list(node.users)
-            if len(users) == 1 and _is_relu(users[0], modules):
-                u = users[0]
-                if u.op == "call_module":
-                    return modules[u.target]
-                if u.op == "call_function":
-                    return u.target
-                return torch.relu
+            u = fused_relu(node, modules)
+            if u is None:
+                return None
+            if u.op == "call_module":
+                return modules[u.target]
+            if u.op == "call_function":
+                return u.target
+            return torch.relu
     return None
 
 
 def _layers_in_graph_order(qmodel) -> list[str]:
-    layers = quant_layers(qmodel)
-    graph = getattr(qmodel, "graph", None)
-    if graph is None:
+    if getattr(qmodel, "graph", None) is None:
         raise TypeError("qmodel must be a torch.fx.GraphModule from refimpl.qmodel.quantize_model")
-    order = [n.target for n in graph.nodes if n.op == "call_module" and n.target in layers]
-    seen = []
-    for name in order:
-        if name not in seen:
-            seen.append(name)
-    return seen
-
-
-@torch.no_grad()
-def _capture(model, name: str, x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
-    """The input (what="input", stopping the forward there) or output of submodule ``name``."""
-    mod = model.get_submodule(name)
-    out = []
-
-    def pre(_m, args):
-        out.append(args[0].detach())
-        raise _Stop
-
-    def post(_m, _args, y):
-        out.append(y.detach())
-
-    handle = mod.register_forward_pre_hook(pre) if what == "input" else mod.register_forward_hook(post)
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            try:
-                model(x[i:i + batch_size])
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def _capture_outputs(model, names: list[str], x: torch.Tensor, batch_size: int) -> dict:
-    """The outputs of the submodules ``names`` of ``model`` on x, all in one pass over x (the
-    same batches as :func:`_capture`, so the same values): {name: (N, ...) tensor}."""
-    out = {name: [] for name in names}
-    handles = [model.get_submodule(name).register_forward_hook(
-        lambda _m, _args, y, name=name: out[name].append(y.detach())) for name in names]
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i:i + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: torch.cat(ys) for name, ys in out.items()}
+    return nodes_of(qmodel, quant_layers(qmodel))
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -205,9 +138,9 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, x_calib: torch.Tensor, iter
                              "FP32 (BN-folded) model that qmodel was quantized from")
     layers = quant_layers(qmodel)
     for name in names:
-        if layers[name].weight_quantizer.trainable != "none":
-            raise ValueError(f"layer {name!r}'s weight quantizer is in trainable mode "
-                             f"{layers[name].weight_quantizer.trainable!r}: set_trainable(qmodel, 'none') first")
+        if layers[name].weight_quantizer.kind != "fixed":
+            raise ValueError(f"layer {name!r}'s weight quantizer is of kind "
+                             f"{layers[name].weight_quantizer.kind!r}: set_trainable(qmodel, 'fixed') first")
 
     was = (qmodel.training, fp_model.training)
     qmodel.eval()
@@ -220,7 +153,7 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, x_calib: torch.Tensor, iter
     report = []
     try:
         # the FP32 model never changes: every layer's output in one pass
-        fp_outputs = _capture_outputs(fp_model, names, x_calib, cap_bs)
+        fp_outputs = capture_activations(fp_model, x_calib, names, batch_size=cap_bs)
         bar = tqdm(names, desc="adaround", unit="layer", disable=not progress)
         for name in bar:
             t0 = time.perf_counter()
@@ -229,15 +162,15 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, x_calib: torch.Tensor, iter
             act = _activation_after(qmodel, name)
             f_a = (lambda t: t) if act is None else act
             wq.set_rounding(None)
-            x_in = _capture(qmodel, name, x_calib, cap_bs, "input").float()
+            x_in = capture_activations(qmodel, x_calib, [name], batch_size=cap_bs, where="input",
+                                       stop=True)[name].float()
             with torch.no_grad():
                 target = f_a(fp_outputs.pop(name).float())
             w = layer.weight.detach().float()
             floor, frac = wq.floor_codes(w)
-            # eq. 22 with the constant parts hoisted out of the loop: the same operations as
+            # eq. 22 with the constant parts hoisted out of the loop: the same function as
             # WeightQuantizer.quantize_with_rounding(w, h), so the same soft weight
-            scale, zp = wq._broadcast(w)
-            qmin, qmax = wq.spec.qmin, wq.spec.qmax
+            scale, zp = wq.qparams_like(w)
             v = init_v(frac).requires_grad_(True)
             adam = _Adam(v, lr)
             n = x_in.shape[0]
@@ -245,7 +178,7 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, x_calib: torch.Tensor, iter
             for it in range(iterations):
                 idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
                 h = rectified_sigmoid(v)
-                w_soft = (torch.clamp(floor + h + zp, qmin, qmax) - zp) * scale
+                w_soft = soft_rounded_weight(floor, h, scale, zp, wq.spec)
                 out = f_a(layer.forward_with_weight(x_in[idx], w_soft))
                 loss = F.mse_loss(out, target[idx])
                 if it >= start and reg_weight > 0:

@@ -6,11 +6,13 @@
   insertion, weight range setting, AdaRound (or bias correction when no data can be spared),
   activation range setting.
 * :func:`pipeline_accuracy` — the test accuracy of one pipeline; :func:`pipeline_accuracies` —
-  of several that differ only in rounding and bias correction, sharing the steps before them.
+  of several that differ only in AdaRound and bias correction, sharing the steps before them.
 * :func:`quantization_sensitivity` — the paper's "Debugging" flow chart for PTQ: check the
   simulated-quantization model without quantizers against FP32, then quantize weights only and
   activations only, then one layer (or one activation site) at a time, to find the layers that
   break the accuracy.
+
+Book: chapter 5.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ._checks import check_choice
-from .fold import bn_statistics, fold_all_bn
-from .qmodel import (QuantConfig, act_quantizers, calibrate, quant_layers, quantize_model,
-                     set_quant_state)
-from .train import evaluate
+from .._api import renamed
+from .._checks import check_choice
+from ..fold import bn_statistics, fold_all_bn
+from ..qmodel import (QuantConfig, act_quantizers, calibrate, quant_layers, quantize_model, set_quant_state,
+                      weight_quantizers)
+from ..train import evaluate
+from .adaround import adaround as run_adaround
+from .bias_correction import bias_correction_analytic, bias_correction_empirical
+from .cle import cross_layer_equalization, high_bias_absorption
 
 __all__ = ["PipelineResult", "standard_pipeline", "pipeline_accuracy", "pipeline_accuracies",
-           "quantization_sensitivity",
-           "ROUNDINGS", "BIAS_CORRECTIONS"]
+           "quantization_sensitivity", "with_config", "BIAS_CORRECTIONS"]
 
-ROUNDINGS = ("nearest", "adaround")
 BIAS_CORRECTIONS = (None, "empirical", "analytic")
 
 
@@ -52,8 +56,9 @@ def _has_bn(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+@renamed(rounding="adaround")
 def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantConfig, *,
-                      cle: bool = True, bias_absorption: bool = True, rounding: str = "adaround",
+                      cle: bool = True, bias_absorption: bool = True, adaround: bool = True,
                       bias_correction: str | None = None, adaround_kw: dict | None = None,
                       progress: bool = True) -> PipelineResult:
     """Post-training quantization of ``fp_model`` as the white paper's standard pipeline does.
@@ -62,9 +67,9 @@ def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantC
     1. fold BatchNorm (§2.3.1) and, with ``cle``, cross-layer equalization, then with
        ``bias_absorption`` high-bias absorption from the folded BNs' statistics;
     2. insert quantizers (``config``; the paper sets weight ranges with MSE:
-       ``config.weight_range``);
-    3. activation range setting on ``x_calib`` (``config.act_range``; the paper: MSE);
-    4. ``rounding="adaround"`` (needs ``x_calib``), else round-to-nearest; ``bias_correction``
+       ``config.weight_range_method``);
+    3. activation range setting on ``x_calib`` (``config.act_range_method``; the paper: MSE);
+    4. ``adaround=True``: AdaRound (needs ``x_calib``), else round-to-nearest; ``bias_correction``
        "empirical" (on ``x_calib``) or "analytic" (from BN statistics) — the paper uses bias
        correction where AdaRound is not run;
     5. activation ranges are set again, since steps 4 changed the weights.
@@ -72,24 +77,28 @@ def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantC
     layer inputs come from the quantized model with its activation quantizers on.
 
     fp_model: float model (any fx-traceable model of Conv/Linear/BN/ReLU(6)/adds); untouched.
-    x_calib: float (N, *input_shape) calibration inputs. Returns a :class:`PipelineResult`.
+    x_calib: float (N, *input_shape) calibration inputs. ``progress``: show the progress of each
+    step. Returns a :class:`PipelineResult`.
     """
     if not isinstance(fp_model, nn.Module):
         raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    check_choice(rounding, "rounding", ROUNDINGS)
-    check_choice(bias_correction, "bias_correction", BIAS_CORRECTIONS)
-    steps, model, bn_stats, cle_report = _prepare(fp_model, x_calib, config, cle, bias_absorption)
+    _check_ending(adaround, bias_correction)
+    steps, model, bn_stats, cle_report = _prepare(fp_model, x_calib, config, cle, bias_absorption, progress)
     qmodel = _quantize(model, x_calib, config, steps)
-    return _finish(qmodel, model, bn_stats, x_calib, config, steps, cle_report, rounding, bias_correction,
+    return _finish(qmodel, model, bn_stats, x_calib, config, steps, cle_report, adaround, bias_correction,
                    adaround_kw, progress)
 
 
-def _prepare(fp_model, x_calib, config, cle, bias_absorption):
-    """Step 1 of :func:`standard_pipeline`: BN folding, CLE, high-bias absorption."""
-    from . import ptq   # ptq sits beside this module; imported here to keep start-up light
+def _check_ending(adaround, bias_correction) -> None:
+    if not isinstance(adaround, bool):
+        raise TypeError(f"adaround must be a bool, got {adaround!r}")
+    check_choice(bias_correction, "bias_correction", BIAS_CORRECTIONS)
 
+
+def _prepare(fp_model, x_calib, config, cle, bias_absorption, progress):
+    """Step 1 of :func:`standard_pipeline`: BN folding, CLE, high-bias absorption."""
     steps = []
     model = copy.deepcopy(fp_model).eval()
     bn_stats = bn_statistics(model) if _has_bn(model) else {}
@@ -98,11 +107,11 @@ def _prepare(fp_model, x_calib, config, cle, bias_absorption):
         steps.append("fold BatchNorm")
     cle_report = None
     if cle:
-        model, cle_report = ptq.cross_layer_equalization(model, return_report=True)
+        model, cle_report = cross_layer_equalization(model, return_report=True, progress=progress)
         bn_stats = cle_report.rescale_bn_statistics(bn_stats) if bn_stats else bn_stats
         steps.append("cross-layer equalization")
     if bias_absorption and bn_stats:
-        model, bn_stats = ptq.high_bias_absorption(model, bn_stats, return_stats=True)
+        model, bn_stats = high_bias_absorption(model, bn_stats, return_report=True)
         steps.append("high-bias absorption")
     return steps, model, bn_stats, cle_report
 
@@ -110,33 +119,29 @@ def _prepare(fp_model, x_calib, config, cle, bias_absorption):
 def _quantize(reference, x_calib, config, steps):
     """Steps 2-3 of :func:`standard_pipeline`: quantizers, activation ranges."""
     qmodel = quantize_model(reference, config)
-    steps.append(f"quantizers ({config.weight_bits}-bit weights, {config.weight_range} ranges)")
+    steps.append(f"quantizers ({config.weight_bits}-bit weights, {config.weight_range_method} ranges)")
     if config.act_bits is not None:
         calibrate(qmodel, x_calib)
-        steps.append(f"activation ranges ({config.act_range})")
+        steps.append(f"activation ranges ({config.act_range_method})")
     return qmodel
 
 
-def _finish(qmodel, reference, bn_stats, x_calib, config, steps, cle_report, rounding, bias_correction,
+def _finish(qmodel, reference, bn_stats, x_calib, config, steps, cle_report, adaround, bias_correction,
             adaround_kw, progress):
     """Steps 4-5 of :func:`standard_pipeline`: rounding, bias correction, activation ranges again."""
-    from . import ptq
-
     adaround_report = []
-    if rounding == "adaround":
-        from .adaround import adaround
-        adaround_report = adaround(qmodel, reference, x_calib, progress=progress,
-                                   **(adaround_kw or {}))
+    if adaround:
+        adaround_report = run_adaround(qmodel, reference, x_calib, progress=progress, **(adaround_kw or {}))
         steps.append("AdaRound")
     if bias_correction == "empirical":
-        qmodel = ptq.bias_correction_empirical(qmodel, reference, x_calib)
+        qmodel = bias_correction_empirical(qmodel, reference, x_calib, progress=progress)
         steps.append("bias correction (empirical)")
     elif bias_correction == "analytic":
         if not bn_stats:
             raise ValueError("bias_correction='analytic' needs BatchNorm statistics; fp_model has no BatchNorm")
-        qmodel = ptq.bias_correction_analytic(qmodel, bn_stats)
+        qmodel = bias_correction_analytic(qmodel, bn_stats)
         steps.append("bias correction (analytic)")
-    if config.act_bits is not None and (rounding == "adaround" or bias_correction):
+    if config.act_bits is not None and (adaround or bias_correction):
         calibrate(qmodel, x_calib)
         steps.append("activation ranges again")
     return PipelineResult(qmodel, reference, steps, adaround_report, cle_report)
@@ -144,20 +149,18 @@ def _finish(qmodel, reference, bn_stats, x_calib, config, steps, cle_report, rou
 
 def pipeline_accuracy(fp_model: nn.Module, data, config: QuantConfig, **pipeline_kw) -> float:
     """Test accuracy (%) of ``standard_pipeline(fp_model, data.x_calib, config, **pipeline_kw)``
-    on ``data.x_test``/``data.y_test`` (``progress`` defaults to False). data: a
-    :class:`refimpl.data.DataSplit`."""
-    pipeline_kw.setdefault("progress", False)
+    on ``data.x_test``/``data.y_test``. data: a :class:`refimpl.data.DataSplit`."""
     result = standard_pipeline(fp_model, data.x_calib, config, **pipeline_kw)
     return evaluate(result.qmodel, data.x_test, data.y_test)
 
 
 def pipeline_accuracies(fp_model: nn.Module, data, config: QuantConfig, endings: dict, *,
                         cle: bool = True, bias_absorption: bool = True, adaround_kw: dict | None = None,
-                        progress: bool = False) -> dict:
+                        progress: bool = True) -> dict:
     """Test accuracies (%) of several pipelines that differ only in their last steps:
     {name: pipeline_accuracy(fp_model, data, config, cle=cle, bias_absorption=bias_absorption,
-    adaround_kw=adaround_kw, **ending)} for ``endings`` {name: {"rounding": ..., "bias_correction":
-    ...}} ("rounding" required; no "bias_correction": none). The common steps (BN folding, CLE,
+    adaround_kw=adaround_kw, **ending)} for ``endings`` {name: {"adaround": bool, "bias_correction":
+    ...}} ("adaround" required; no "bias_correction": none). The common steps (BN folding, CLE,
     absorption, quantizers, activation ranges) run once; each ending continues from a copy, so the
     numbers are those of separate :func:`pipeline_accuracy` calls (tests/test_pipeline.py)."""
     if not isinstance(fp_model, nn.Module):
@@ -165,19 +168,19 @@ def pipeline_accuracies(fp_model: nn.Module, data, config: QuantConfig, endings:
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     for name, ending in endings.items():
-        unknown = set(ending) - {"rounding", "bias_correction"}
+        unknown = set(ending) - {"adaround", "bias_correction"}
         if unknown:
-            raise ValueError(f"ending {name!r} has keys {sorted(unknown)}: only rounding and bias_correction")
-        if "rounding" not in ending:
-            raise ValueError(f"ending {name!r} needs a rounding ({' or '.join(ROUNDINGS)})")
-        check_choice(ending["rounding"], "rounding", ROUNDINGS)
-        check_choice(ending.get("bias_correction"), "bias_correction", BIAS_CORRECTIONS)
-    steps, model, bn_stats, cle_report = _prepare(fp_model, data.x_calib, config, cle, bias_absorption)
+            raise ValueError(f"ending {name!r} has keys {sorted(unknown)}: only adaround and bias_correction"
+                             + (" ('rounding' is now spelled 'adaround': True or False)" if "rounding" in unknown else ""))
+        if "adaround" not in ending:
+            raise ValueError(f"ending {name!r} needs adaround (True or False)")
+        _check_ending(ending["adaround"], ending.get("bias_correction"))
+    steps, model, bn_stats, cle_report = _prepare(fp_model, data.x_calib, config, cle, bias_absorption, progress)
     qmodel = _quantize(model, data.x_calib, config, steps)
     accuracies = {}
     for name, ending in endings.items():
         result = _finish(copy.deepcopy(qmodel), copy.deepcopy(model), copy.deepcopy(bn_stats), data.x_calib, config, list(steps),
-                         cle_report, ending["rounding"], ending.get("bias_correction"),
+                         cle_report, ending["adaround"], ending.get("bias_correction"),
                          adaround_kw, progress)
         accuracies[name] = evaluate(result.qmodel, data.x_test, data.y_test)
     return accuracies
@@ -190,9 +193,11 @@ def quantization_sensitivity(qmodel: nn.Module, x: torch.Tensor, y: torch.Tensor
     Returns {"fp32": quantizers off (must equal the FP32 model), "weights": weights only,
     "activations": activations only, "full": both, "layers": {layer: accuracy with only that
     layer's weights quantized}, "sites": {site: accuracy with only that activation quantizer on}}.
-    The quantizers' on/off state is restored afterwards. qmodel: from
+    Each quantizer's on/off state is restored afterwards. qmodel: from
     :func:`refimpl.qmodel.quantize_model`, calibrated; x float (N, ...), y int64 (N,).
     """
+    before_w = {n: q.enabled for n, q in weight_quantizers(qmodel).items()}
+    before_a = {n: q.state for n, q in act_quantizers(qmodel).items()}
     report = {}
     try:
         for key, w, a in (("fp32", False, False), ("weights", True, False),
@@ -211,7 +216,10 @@ def quantization_sensitivity(qmodel: nn.Module, x: torch.Tensor, y: torch.Tensor
                 set_quant_state(qmodel, weights=False, acts=True, layers=[site])
                 report["sites"][site] = evaluate(qmodel, x, y)
     finally:
-        set_quant_state(qmodel, weights=True, acts=True)
+        for n, q in weight_quantizers(qmodel).items():
+            q.enabled = before_w[n]
+        for n, q in act_quantizers(qmodel).items():
+            q.set_state(before_a[n])
     return report
 
 

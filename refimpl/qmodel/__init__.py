@@ -1,0 +1,47 @@
+"""Simulated quantization of a whole model: quantizers inserted into a torch.fx graph.
+
+White paper (Nagel et al. 2021, arXiv 2106.08295) §2.3 "Quantization simulation", Fig. 4; §3
+(PTQ): weight ranges are static and set at insertion, activation ranges are calibrated; §4
+(QAT): quantizers with learnable parameters. The package, by job:
+
+* ``config``: :class:`QuantConfig`, how a model is quantized;
+* ``observers``: :class:`Observer`, statistics for activation ranges;
+* ``quantizers``: :class:`WeightQuantizer`, :class:`ActQuantizer` and the registry of quantizer
+  kinds (``register_kind``, ``quantizer_kinds``): "fixed", "ste", "lsq", and each new kind;
+* ``layers``: ``QuantConv1d/2d/3d``, ``QuantLinear``;
+* ``insertion``: :func:`quantize_model` (where quantizers sit), :func:`first_last_bits`,
+  :func:`input_sites`;
+* ``control``: :func:`calibrate`, :func:`set_quant_state`, :func:`set_trainable`,
+  :func:`merge_bn` and the accessors.
+
+Activation quantizers have three states: ``"observe"`` (pass through, record statistics),
+``"quantize"`` and ``"off"``. What it cannot handle: models torch.fx cannot trace symbolically
+(ValueError quoting torch.fx's message); BatchNorm (fold it first, or ``keep_bn=True`` and
+``merge_bn`` after QAT).
+
+>>> import torch
+>>> from refimpl.fold import fold_all_bn
+>>> from refimpl.models import ResNetCNN
+>>> model = ResNetCNN(1, 10, width=4, num_blocks=1).eval()
+>>> qm = quantize_model(fold_all_bn(model), QuantConfig(weight_bits=8, act_bits=8))
+>>> calibrate(qm, torch.randn(16, 1, 8, 8))
+>>> list(act_quantizers(qm))[:2]
+['input', 'stem.conv']
+"""
+
+from ..quant import ste_fake_quant
+from .config import ACT_RANGES, WEIGHT_RANGES, QuantConfig
+from .control import act_quantizers, calibrate, merge_bn, quant_layers, set_quant_state, set_trainable, weight_quantizers
+from .insertion import first_last_bits, input_sites, quantize_model
+from .layers import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
+from .observers import RANGE_METHODS, Observer, tensor_range
+from .quantizers import (ACT_STATES, ActQuantizer, Quantizer, QuantizerKind, WeightQuantizer, get_kind,
+                         quantizer_kinds, register_kind)
+
+__all__ = [
+    "QuantConfig", "WEIGHT_RANGES", "ACT_RANGES", "Observer", "RANGE_METHODS", "tensor_range",
+    "QuantizerKind", "register_kind", "quantizer_kinds", "get_kind", "Quantizer", "WeightQuantizer",
+    "ActQuantizer", "ACT_STATES", "QuantLayer", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear",
+    "QUANT_CLASSES", "quantize_model", "input_sites", "first_last_bits", "calibrate", "set_quant_state",
+    "set_trainable", "weight_quantizers", "act_quantizers", "quant_layers", "merge_bn", "ste_fake_quant",
+]

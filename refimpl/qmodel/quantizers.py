@@ -1,0 +1,371 @@
+"""Quantizer modules and the registry of quantizer kinds.
+
+A quantizer module (:class:`WeightQuantizer` for one layer's weight, :class:`ActQuantizer` for
+one activation site) holds the grid (``spec``), the quantization parameters ``scale`` and
+``zero_point`` and its switches; *how* it fake-quantizes is its kind, a small
+:class:`QuantizerKind` looked up by name in one registry:
+
+* ``"fixed"``: the grid set by the range method, round to nearest (white paper §2.2, §3);
+* ``"ste"``: learned scale and zero point with the white paper's straight-through gradients
+  (§4.1; ``refimpl.quant.ste_fake_quant``);
+* ``"lsq"``: learned step size (LSQ, Esser et al. 2020, eq. 3 and its gradient scale
+  ``lsq_grad_scale``), zero point fixed: LSQ proper when the zero point is 0, else LSQ's
+  step-size gradient on the asymmetric grid (the zero point then stays where calibration put it).
+
+A new kind (DSQ, PoT/APoT, PWLQ, PACT, DoReFa, QIL, ...) is a subclass of
+:class:`QuantizerKind` declaring which tensors it learns, its forward, how it initialises from
+the calibrated (scale, zero_point) and what it exports, registered with one line,
+``@register_kind``. ``QuantConfig(weight_quantizer=..., act_quantizer=...)`` and
+``set_trainable`` then accept its name without other edits. tests/test_qmodel.py adds a kind
+as a worked example.
+
+Switches that must survive ``state_dict`` and replication (``enabled``, the activation state,
+``calibrated``, AdaRound's ``rounding``) are buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._checks import check_choice
+from ..quant import QuantSpec, fake_quant, lsq_fake_quant, lsq_grad_scale, qparams, ste_fake_quant
+from ..quant.adaround import soft_rounded_weight
+from .observers import Observer, tensor_range
+
+__all__ = ["QuantizerKind", "register_kind", "quantizer_kinds", "get_kind", "Quantizer", "WeightQuantizer",
+           "ActQuantizer", "ACT_STATES"]
+
+ACT_STATES = ("observe", "quantize", "off")
+
+
+# --------------------------------------------------------------------------------------------
+# The registry of kinds
+# --------------------------------------------------------------------------------------------
+class QuantizerKind:
+    """How a quantizer fake-quantizes: one instance per kind, shared by every quantizer of it.
+
+    Override:
+    * ``name``: the registry name;
+    * ``learnable(q)``: the names of ``q``'s tensors that are trained (nn.Parameters), among
+      ``scale``, ``zero_point`` and the ones ``init`` creates; () for a fixed quantizer;
+    * ``init(q)``: called when ``q`` switches to this kind and whenever its (scale, zero_point)
+      are set (calibration, loading): derive or create the kind's own state from them;
+    * ``forward(q, x, elements)``: the fake-quantized x (x's shape and dtype); ``elements`` is
+      the number of values that share one scale (LSQ's gradient scale);
+    * ``export(q)``: the affine grid a runtime executes, {"scale", "zero_point"} (the default),
+      or raise TypeError for a grid an affine runtime cannot express.
+    """
+
+    name = ""
+
+    def learnable(self, q: "Quantizer") -> tuple[str, ...]:
+        return ()
+
+    def init(self, q: "Quantizer") -> None:
+        pass
+
+    def forward(self, q: "Quantizer", x: torch.Tensor, elements: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def export(self, q: "Quantizer") -> dict:
+        return {"scale": q.scale.detach().clone(), "zero_point": torch.round(q.zero_point.detach()).to(torch.int32)}
+
+    def __repr__(self) -> str:
+        return f"<quantizer kind {self.name!r}>"
+
+
+_KINDS: dict[str, QuantizerKind] = {}
+
+
+def register_kind(cls: type) -> type:
+    """Class decorator: register a :class:`QuantizerKind` subclass under its ``name``."""
+    if not (isinstance(cls, type) and issubclass(cls, QuantizerKind)):
+        raise TypeError(f"register_kind needs a QuantizerKind subclass, got {cls!r}")
+    if not cls.name or cls.name in _KINDS:
+        raise ValueError(f"a quantizer kind needs a new, non-empty name; {cls.name!r} is taken or empty "
+                         f"(registered: {list(_KINDS)})")
+    _KINDS[cls.name] = cls()
+    return cls
+
+
+def quantizer_kinds() -> tuple[str, ...]:
+    """The registered kind names, in registration order."""
+    return tuple(_KINDS)
+
+
+def get_kind(name: str) -> QuantizerKind:
+    """The registered kind ``name`` (ValueError listing the registered ones otherwise)."""
+    check_choice(name, "kind", quantizer_kinds())
+    return _KINDS[name]
+
+
+@register_kind
+class Fixed(QuantizerKind):
+    """Fixed (scale, integer zero_point), round to nearest (white paper §2.2, eq. 7)."""
+
+    name = "fixed"
+
+    def init(self, q):
+        with torch.no_grad():
+            q.scale.clamp_(min=torch.finfo(torch.float32).eps)
+            q.zero_point.copy_(torch.round(q.zero_point).clamp(q.spec.qmin, q.spec.qmax))
+
+    def forward(self, q, x, elements):
+        return fake_quant(x, q.scale, q.zero_point.to(torch.int32), q.spec)
+
+
+@register_kind
+class STE(QuantizerKind):
+    """Learned scale and zero point, straight-through gradients (white paper §4.1)."""
+
+    name = "ste"
+
+    def learnable(self, q):
+        learn_zp = not q.spec.symmetric and not q.fixed_zero_point
+        return ("scale", "zero_point") if learn_zp else ("scale",)
+
+    def forward(self, q, x, elements):
+        return ste_fake_quant(x, q.scale, q.zero_point, q.spec)
+
+
+@register_kind
+class LSQ(QuantizerKind):
+    """Learned step size (Esser et al. 2020, eq. 3; gradient scale 1/sqrt(N Q_P), §2.2)."""
+
+    name = "lsq"
+
+    def learnable(self, q):
+        return ("scale",)
+
+    def init(self, q):
+        # LSQ proper (refimpl.quant.lsq_fake_quant) has no zero point: used when it is 0
+        q.use_lsq = bool((q.zero_point == 0).all())
+
+    def forward(self, q, x, elements):
+        g = lsq_grad_scale(max(1, elements), q.spec)
+        if q.use_lsq:
+            return lsq_fake_quant(x, q.scale, q.spec, grad_scale=g)
+        # asymmetric grid: LSQ's step-size gradient, zero point fixed
+        return ste_fake_quant(x, q.scale, q.zero_point.detach(), q.spec, grad_scale=g)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizer modules
+# --------------------------------------------------------------------------------------------
+class Quantizer(nn.Module):
+    """State shared by the weight and activation quantizers: spec, scale, zero_point, kind.
+
+    ``scale`` (float32) and ``zero_point`` (float32 holding integers) are buffers, or Parameters
+    where the kind learns them (same names, so state_dicts match). ``kind``: the kind's name.
+    """
+
+    def __init__(self, spec: QuantSpec, fixed_zero_point: bool, kind: str = "fixed", device=None):
+        super().__init__()
+        self.spec = spec
+        self.fixed_zero_point = fixed_zero_point
+        self.register_buffer("scale", torch.ones((), device=device))
+        self.register_buffer("zero_point", torch.zeros((), device=device))
+        self.kind = "fixed"
+        self.set_kind(kind)
+
+    @property
+    def kind_impl(self) -> QuantizerKind:
+        """The registered :class:`QuantizerKind` of ``kind``."""
+        return get_kind(self.kind)
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Set (scale, zero_point) as returned by refimpl.quant.qparams."""
+        with torch.no_grad():
+            for name, v in (("scale", scale), ("zero_point", zero_point)):
+                cur = getattr(self, name)
+                v = v.detach().to(device=cur.device, dtype=torch.float32)
+                if isinstance(cur, nn.Parameter):
+                    cur.data = v.clone()
+                else:
+                    setattr(self, name, v.clone())
+        if self.kind != "fixed":     # a fixed grid is rounded when it is frozen, not when set
+            self.kind_impl.init(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # per-channel shapes are only known once computed: adopt the checkpoint's shapes
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            cur = getattr(self, name)
+            if key in state_dict and cur.shape != state_dict[key].shape:
+                empty = torch.empty(state_dict[key].shape, device=cur.device)
+                if isinstance(cur, nn.Parameter):
+                    cur.data = empty
+                else:
+                    setattr(self, name, empty)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.kind != "fixed":
+            self.kind_impl.init(self)
+
+    def set_kind(self, kind: str) -> None:
+        """Switch to a registered kind (``quantizer_kinds()``): its learnable tensors become
+        Parameters (initialised from the current scale and zero point), the rest buffers."""
+        impl = get_kind(kind)
+        scale, zp = self.scale.detach().clone(), self.zero_point.detach().clone()
+        for name in ("scale", "zero_point"):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+        learn = impl.learnable(self)
+        for name, value in (("scale", scale), ("zero_point", zp)):
+            if name in learn:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+        self.kind = kind
+        impl.init(self)
+
+    def fake_quant(self, x: torch.Tensor, elements: int) -> torch.Tensor:
+        """x fake-quantized by this quantizer's kind; ``elements``: values per scale."""
+        return self.kind_impl.forward(self, x, elements)
+
+    def export(self) -> dict:
+        """The affine grid a runtime executes: {"scale", "zero_point"} (the kind's ``export``)."""
+        return self.kind_impl.export(self)
+
+
+class WeightQuantizer(Quantizer):
+    """Fake quantizer of one layer's weight (white paper §2.2; per-channel along axis 0, §2.2.2).
+
+    Ranges are set once from the weight (``set_range``) with ``range_method`` ("minmax" | "mse").
+    ``set_rounding(h)`` selects AdaRound's learned rounding (Nagel et al. 2020, eq. 22):
+    code = clamp(floor(w / scale) + h + zero_point, qmin, qmax); ``set_rounding(None)``
+    = round to nearest. ``enabled=False`` passes the weight through.
+    Input/output: the weight tensor (any float dtype), same shape.
+    """
+
+    def __init__(self, spec: QuantSpec, range_method: str = "minmax", kind: str = "fixed", device=None):
+        super().__init__(spec, fixed_zero_point=spec.symmetric, kind=kind, device=device)
+        self.range_method = check_choice(range_method, "range_method", ("minmax", "mse"))
+        self.register_buffer("enabled_flag", torch.tensor(True, device=device))
+        self.register_buffer("rounding", torch.empty(0, device=device))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the weight is fake-quantized (else passed through)."""
+        return bool(self.enabled_flag)
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"enabled must be a bool, got {value!r}")
+        self.enabled_flag.fill_(value)
+
+    @torch.no_grad()
+    def set_range(self, weight: torch.Tensor) -> None:
+        """Scale and zero point from the weight's range (``range_method``, refimpl.calib)."""
+        self.set_qparams(*qparams(*tensor_range(weight.detach(), self.spec, self.range_method), self.spec))
+
+    def qparams_like(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, rounded zero_point) shaped to broadcast over w (per tensor or along spec.axis)."""
+        shape = [1] * w.ndim
+        if self.spec.axis is not None:
+            axis = self.spec.axis % w.ndim
+            shape[axis] = w.shape[axis]
+        return self.scale.reshape(shape), torch.round(self.zero_point).reshape(shape)
+
+    def floor_codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """floor(w / scale) and the fractional part w / scale - floor(w / scale), both w's shape
+        (the rounding AdaRound learns is between these two codes)."""
+        s, _ = self.qparams_like(w)
+        v = w.detach().float() * torch.reciprocal(s)
+        f = torch.floor(v)
+        return f, v - f
+
+    def quantize_with_rounding(self, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """AdaRound's weight (eq. 22) with soft or hard h in [0, 1], differentiable in h; w's
+        shape and dtype (``refimpl.quant.adaround.soft_rounded_weight``)."""
+        s, z = self.qparams_like(w)
+        f, _ = self.floor_codes(w)
+        return soft_rounded_weight(f, h, s, z, self.spec).to(w.dtype)
+
+    def set_rounding(self, h: torch.Tensor | None) -> None:
+        """Use rounding h (weight shape, values in [0, 1]; 1 = round up) or None (nearest)."""
+        if h is None:
+            self.rounding = torch.empty(0, device=self.scale.device)
+            return
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+            raise TypeError("h must be a floating torch.Tensor or None")
+        if bool((h < 0).any()) or bool((h > 1).any()):
+            raise ValueError("h must lie in [0, 1]")
+        self.rounding = h.detach().to(device=self.scale.device, dtype=torch.float32).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "rounding"
+        if key in state_dict:
+            self.rounding = torch.empty(state_dict[key].shape, device=self.scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        if self.rounding.numel():
+            if self.rounding.shape != w.shape:
+                raise ValueError(f"rounding has shape {tuple(self.rounding.shape)}, the weight {tuple(w.shape)}")
+            return self.quantize_with_rounding(w, self.rounding)
+        return self.fake_quant(w, w.numel() // max(1, self.scale.numel()))
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}, range_method={self.range_method}, kind={self.kind}"
+
+
+class ActQuantizer(Quantizer):
+    """Fake quantizer of one activation site (white paper §2.3, Fig. 4), per tensor.
+
+    state "observe": pass x through its :class:`Observer` (statistics for ``compute_range``);
+    "quantize": fake-quantize by its kind; "off": pass through.
+    Input/output: any float tensor (N, ...), same shape and dtype.
+    """
+
+    def __init__(self, spec: QuantSpec, site: str, range_method: str = "minmax", percentile: float = 99.99,
+                 samples: int = 4096, seed: int = 0, fixed_zero_point: bool = False, kind: str = "fixed",
+                 device=None):
+        super().__init__(spec, fixed_zero_point=fixed_zero_point or spec.symmetric, kind=kind, device=device)
+        self.site = site
+        self.observer = Observer(range_method, percentile, samples, seed)
+        self.register_buffer("state_code", torch.tensor(ACT_STATES.index("quantize"), device=device))
+        self.register_buffer("calibrated", torch.tensor(False, device=device))
+
+    @property
+    def range_method(self) -> str:
+        """The observer's range method ("minmax" | "mse" | "percentile")."""
+        return self.observer.range_method
+
+    @property
+    def state(self) -> str:
+        """"observe", "quantize" or "off" (a buffer, so it survives state_dict and replication)."""
+        return ACT_STATES[int(self.state_code)]
+
+    def set_state(self, state: str) -> None:
+        """Switch to ``state``; entering "observe" forgets earlier statistics."""
+        check_choice(state, "state", ACT_STATES)
+        if state == "observe" and self.state != "observe":
+            self.observer.reset()
+        self.state_code.fill_(ACT_STATES.index(state))
+
+    @torch.no_grad()
+    def compute_range(self) -> None:
+        """Set (scale, zero_point) from what was observed (the observer's range method)."""
+        if not self.observer.seen:
+            raise RuntimeError(f"activation site {self.site!r} saw no data while observing")
+        self.set_qparams(*qparams(*self.observer.range(self.spec), self.spec))
+        self.calibrated.fill_(True)
+        self.observer.reset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if state == "off":
+            return x
+        if state == "observe":
+            return self.observer(x)
+        if self.kind == "fixed" and not bool(self.calibrated):
+            raise RuntimeError(f"activation quantizer {self.site!r} has no range yet: call "
+                               "refimpl.qmodel.calibrate(qmodel, x) first (or set_quant_state(acts=False))")
+        return self.fake_quant(x, x[0].numel() if x.ndim > 1 else x.numel())
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, spec={self.spec}, kind={self.kind}, state={self.state}"

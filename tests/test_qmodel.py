@@ -1,5 +1,6 @@
 """refimpl.qmodel: quantizer placement, equivalences with refimpl.quant / torch.ao observers /
 autograd, state_dict round trip, and W8A8 accuracy on a trained digits ResNet."""
+import copy
 import io
 
 import pytest
@@ -13,7 +14,8 @@ from refimpl.models import MobileNetV2CNN, ResNetCNN
 from refimpl.qmodel import (ActQuantizer, QuantConfig, QuantConv2d, QuantLinear, WeightQuantizer,
                             act_quantizers, calibrate, quant_layers, quantize_model, set_quant_state,
                             set_trainable, ste_fake_quant, weight_quantizers, input_sites, first_last_bits,
-                            merge_bn)
+                            merge_bn, Observer, QuantizerKind, register_kind, unregister_kind, quantizer_kinds)
+
 from refimpl.quant import QuantSpec, fake_quant, lsq_fake_quant, qparams
 
 
@@ -310,9 +312,20 @@ def test_uncalibrated_acts_raise():
 
 
 def test_weight_only_config():
-    q = quantize_model(_resnet(), QuantConfig(act_bits=None))
+    fp = _resnet()
+    q = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=None, weight_per_channel=False))
     assert act_quantizers(q) == {}
-    q(_x((2, 1, 8, 8)))
+    x = _x((8, 1, 8, 8))
+    # the weight-only model is the float model with every weight replaced by its fake-quantized value
+    ref = copy.deepcopy(fp)
+    spec = QuantSpec(4, signed=True, symmetric=True)
+    with torch.no_grad():
+        for name, layer in quant_layers(q).items():
+            target = ref.get_submodule(name)
+            s, z = qparams(target.weight.min(), target.weight.max(), spec)
+            target.weight.copy_(fake_quant(target.weight, s, z, spec))
+    assert torch.equal(q(x), ref(x))
+    assert not torch.equal(q(x), fp(x))
 
 
 @pytest.mark.parametrize("axis", [None, 0])
@@ -353,7 +366,7 @@ def test_trainable_modes():
     assert torch.allclose(q(x), y0, atol=1e-6)
     q(x).square().sum().backward()
     assert all(p.grad is not None for p in params)
-    set_trainable(q, "none")
+    set_trainable(q, "fixed")
     assert torch.equal(q(x), y0)
     # lsq with zero_point 0 is refimpl.quant.lsq_fake_quant
     set_trainable(q, "lsq")
@@ -521,3 +534,100 @@ def test_keep_bn_errors():
         merge_bn(q)
     with pytest.raises(TypeError, match="keep_bn"):
         quantize_model(fp, QuantConfig(), keep_bn="yes")
+
+
+# --------------------------------------------------------------------------------------------
+# The registry of quantizer kinds: a new kind, added as a worked example
+# --------------------------------------------------------------------------------------------
+class PowerOfTwoScale(QuantizerKind):
+    """A fixed grid whose scale is rounded up to a power of two (the scale constraint of
+    backends that requantize by shifts, e.g. TVM's): 2^ceil(log2 s), so the range still fits."""
+
+    name = "pow2_scale_example"
+
+    def forward(self, q, x, elements):
+        s = torch.exp2(torch.ceil(torch.log2(q.scale)))
+        return fake_quant(x, s, q.zero_point.to(torch.int32), q.spec)
+
+    def export(self, q):
+        return {"scale": torch.exp2(torch.ceil(torch.log2(q.scale.detach()))),
+                "zero_point": q.zero_point.detach().to(torch.int32)}
+
+
+@pytest.fixture
+def pow2_kind():
+    register_kind(PowerOfTwoScale)
+    yield PowerOfTwoScale.name
+    unregister_kind(PowerOfTwoScale.name)
+
+
+def test_a_new_kind_is_one_class_and_one_registration(pow2_kind):
+    assert pow2_kind in quantizer_kinds()
+    # QuantConfig accepts it without other edits, for weights and activations
+    cfg = QuantConfig(weight_bits=4, act_bits=8, weight_quantizer=pow2_kind, act_quantizer=pow2_kind)
+    fp = _resnet()
+    q = quantize_model(fp, cfg)
+    x = _x((16, 1, 8, 8))
+    calibrate(q, x)
+    conv = q.get_submodule("stem.conv")
+    wq = conv.weight_quantizer
+    grid = wq.export()
+    assert torch.equal(torch.log2(grid["scale"]), torch.round(torch.log2(grid["scale"])))
+    assert bool((grid["scale"] >= wq.scale).all()) and bool((grid["scale"] < 2 * wq.scale).all())
+    assert torch.equal(conv.quantized_weight(), fake_quant(conv.weight, grid["scale"], grid["zero_point"], wq.spec))
+    # it is not a fixed affine kind: the model differs from the plain one, and set_trainable switches
+    plain = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=8))
+    calibrate(plain, x)
+    assert not torch.equal(q(x), plain(x))
+    assert set_trainable(q, pow2_kind) == []          # it learns nothing
+    set_trainable(q, "fixed")     # weights were ranged alike; activations saw pow2-quantized weights
+    for name, layer in quant_layers(q).items():
+        assert torch.equal(layer.quantized_weight(), quant_layers(plain)[name].quantized_weight())
+
+
+def test_registry_rejects_bad_kinds(pow2_kind):
+    with pytest.raises(ValueError, match="taken"):
+        register_kind(PowerOfTwoScale)
+    with pytest.raises(TypeError, match="QuantizerKind"):
+        register_kind(object)
+    with pytest.raises(ValueError, match="weight_quantizer"):
+        QuantConfig(weight_quantizer="nope")
+    with pytest.raises(ValueError, match="mode"):
+        set_trainable(quantize_model(_resnet(), QuantConfig(act_bits=None)), "nope")
+
+
+def test_switches_are_buffers_that_survive_state_dict_and_copies():
+    fp = _resnet()
+    q = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4))
+    x = _x((16, 1, 8, 8))
+    calibrate(q, x)
+    set_quant_state(q, weights=False, acts=False, layers=["blocks.0.conv1", "input"])
+    fresh = quantize_model(fp, QuantConfig(weight_bits=4, act_bits=4))
+    fresh.load_state_dict(q.state_dict())
+    for other in (fresh, copy.deepcopy(q)):
+        assert not weight_quantizers(other)["blocks.0.conv1"].enabled and weight_quantizers(other)["head"].enabled
+        assert act_quantizers(other)["input"].state == "off" and act_quantizers(other)["head"].state == "quantize"
+        assert torch.equal(other(x), q(x))
+
+
+def test_old_spellings_raise_naming_the_new_ones():
+    with pytest.raises(TypeError, match="'weight_range' is now spelled 'weight_range_method'"):
+        QuantConfig(weight_range="mse")
+    with pytest.raises(TypeError, match="'act_range' is now spelled 'act_range_method'"):
+        QuantConfig(act_range="mse")
+
+
+def test_observer_returns_its_input_and_its_range_is_the_calib_function():
+    from refimpl.calib import mse
+
+    torch.manual_seed(0)
+    obs = Observer("mse", samples=10_000)
+    x = torch.randn(4, 100)
+    assert obs(x) is x and obs(2 * x) is not x
+    spec = QuantSpec(4, signed=True, symmetric=False)
+    lo, hi = obs.range(spec)
+    mlo, mhi = mse(torch.cat([x.reshape(-1), 2 * x.reshape(-1)]), spec)
+    assert torch.equal(lo, mlo) and torch.equal(hi, mhi)
+    obs.reset()
+    with pytest.raises(RuntimeError, match="no data"):
+        obs.range(spec)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["AsmError", "Instruction", "VList", "Mem", "VReg", "VElem", "SReg", "GReg", "Imm",
+__all__ = ["AsmError", "mov_wide", "Instruction", "VList", "Mem", "VReg", "VElem", "SReg", "GReg", "Imm",
            "Shift", "Label", "ARRANGEMENTS", "FORMS", "CONDITIONS", "parse"]
 
 
@@ -345,7 +345,7 @@ def _check_imm(mn, ops, err):
             err(f"EXT index must be 0..{ARRANGEMENTS[ops[0].arr][1] - 1}")
     elif mn == "mov":
         bits = 64 if ops[0].is64 else 32
-        if _mov_wide(imm, bits) is None:
+        if mov_wide(imm, bits) is None:
             err("MOV immediate must be a MOVZ/MOVN value (one 16-bit chunk); "
                 "bitmask immediates are not supported")
 
@@ -452,7 +452,7 @@ def _mem_operands(toks, err):
     return [what, Mem(base, imm, "pre" if m[3] else "off")]
 
 
-def _mov_wide(imm, bits):
+def mov_wide(imm, bits):
     """Register value of ``mov Rd, #imm`` if MOVZ or MOVN can encode it, else None."""
     if not -(1 << (bits - 1)) <= imm < 1 << bits:
         return None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .asm import (ARRANGEMENTS, ELEM_BYTES, AsmError, GReg, Imm, Instruction, Shift, VElem, VReg,
-                  _mov_wide, parse)
+                  mov_wide, parse)
 from .timing import Timer
 
 __all__ = ["Machine", "RunStats", "CORES", "CORE_FEATURES", "FEATURES", "INSTRUCTION_FEATURES",
@@ -165,7 +165,7 @@ class Machine:
         d = ops[0]
         bits = 64 if d.is64 else 32
         if mn == "mov":
-            val = self._get(ops[1]) if isinstance(ops[1], GReg) else _mov_wide(ops[1].value, bits)
+            val = self._get(ops[1]) if isinstance(ops[1], GReg) else mov_wide(ops[1].value, bits)
             return self._set(d, val)
         a = self._get(ops[1])
         b = self._get(ops[2]) if isinstance(ops[2], GReg) else \

@@ -33,7 +33,7 @@ from ..quant import QuantSpec, fake_quant, lsq_fake_quant, lsq_grad_scale, qpara
 from ..quant.adaround import soft_rounded_weight
 from .observers import Observer, tensor_range
 
-__all__ = ["QuantizerKind", "register_kind", "quantizer_kinds", "get_kind", "Quantizer", "WeightQuantizer",
+__all__ = ["QuantizerKind", "register_kind", "unregister_kind", "quantizer_kinds", "get_kind", "Quantizer", "WeightQuantizer",
            "ActQuantizer", "ACT_STATES"]
 
 ACT_STATES = ("observe", "quantize", "off")
@@ -87,6 +87,14 @@ def register_kind(cls: type) -> type:
                          f"(registered: {list(_KINDS)})")
     _KINDS[cls.name] = cls()
     return cls
+
+
+def unregister_kind(name: str) -> None:
+    """Remove a registered kind (not a built-in one); quantizers of that kind stop working."""
+    if name in _BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in quantizer kind and cannot be removed")
+    check_choice(name, "name", quantizer_kinds())
+    del _KINDS[name]
 
 
 def quantizer_kinds() -> tuple[str, ...]:
@@ -148,6 +156,9 @@ class LSQ(QuantizerKind):
             return lsq_fake_quant(x, q.scale, q.spec, grad_scale=g)
         # asymmetric grid: LSQ's step-size gradient, zero point fixed
         return ste_fake_quant(x, q.scale, q.zero_point.detach(), q.spec, grad_scale=g)
+
+
+_BUILT_IN = frozenset(_KINDS)
 
 
 # --------------------------------------------------------------------------------------------

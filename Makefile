@@ -59,7 +59,7 @@ warm-cache: setup
 	done; for p in $$pids; do wait $$p || exit 1; done
 
 test-package: setup warm-cache
-	$(PY) -m pytest -n $(JOBS) tests
+	$(PY) -m pytest -n $(JOBS) --doctest-modules refimpl tests
 
 # On x86-64 strict nbval: every printed character as stored. Elsewhere (ARM64, macOS) float results
 # differ in the last digits, so chapters are executed and their numbers compared within a stated

@@ -71,3 +71,10 @@ def test_check_notebooks_flags_unexecuted_stderr_and_wrong_kernel(tmp_path):
     for bad, why in ((stripped, "not executed"), (stderr, "stderr"), (kernel, "kernel"), (error, "stored an error")):
         run = subprocess.run(tool + [bad], capture_output=True, text=True)
         assert run.returncode == 1 and why in run.stdout, run.stdout
+
+
+def test_make_test_runs_the_docstring_examples():
+    recipe = (ROOT / "Makefile").read_text().split("\ntest-package:")[1].split("\n\n")[0]
+    assert "--doctest-modules refimpl" in recipe
+    examples = [p for p in (ROOT / "refimpl").rglob("*.py") if ">>> " in p.read_text()]
+    assert examples, "no docstring example to run"

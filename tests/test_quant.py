@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from refimpl.quant import (QuantSpec, dequantize, fake_quant, lsq_fake_quant, lsq_grad_scale,
-                           qparams, quantize, round_to_int)
+from refimpl.quant import (QuantSpec, broadcast_qparams, dequantize, fake_quant, lsq_fake_quant,
+                           lsq_grad_scale, qparams, quantize, round_to_int)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -445,6 +445,48 @@ def test_bad_quantizer_input():
     expect(ValueError, "outside the grid", dequantize, torch.tensor([300], dtype=torch.int32), s, z, spec)
     expect(ValueError, "step_size must be finite and > 0", lsq_fake_quant, x, torch.tensor(0.0), spec)
     expect(ValueError, "step_size must hold 4", lsq_fake_quant, x, torch.ones(3), spec.per_channel(0))
+
+
+def test_broadcast_qparams_shapes_and_dtypes():
+    x = data((4, 5, 3))
+    s, z, axis = broadcast_qparams(x, 0.1, 3, QuantSpec(4, signed=False, symmetric=False))
+    assert axis is None and s.shape == z.shape == () and s.dtype == z.dtype == torch.float32
+    assert float(s) == float(torch.tensor(0.1)) and float(z) == 3.0
+    # float64: a Python float keeps its double precision
+    s64, z64, _ = broadcast_qparams(x, 0.1, torch.tensor(3), QuantSpec(4, signed=False, symmetric=False),
+                                    dtype=torch.float64)
+    assert s64.dtype == z64.dtype == torch.float64 and float(s64) == 0.1
+    spec = QuantSpec(8, symmetric=False, axis=-2)
+    s, z, axis = broadcast_qparams(x, torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64),
+                                   torch.tensor([1, 2, 3, 4, 5], dtype=torch.int8), spec)
+    assert axis == 1 and s.shape == z.shape == (1, 5, 1) and s.dtype == z.dtype == torch.float32
+    assert z.flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # one value per channel or one for all
+    s1, z1, _ = broadcast_qparams(x, torch.tensor(0.25), 7, spec)
+    assert s1.shape == z1.shape == (1, 5, 1) and bool((s1 == 0.25).all()) and bool((z1 == 7).all())
+
+
+def test_fake_quant_per_channel_accepts_one_scale_for_all_channels():
+    x = data((6, 4), seed=21)
+    spec = QuantSpec(8, axis=1)
+    assert torch.equal(fake_quant(x, torch.tensor(0.05), 0, spec), fake_quant(x, torch.full((4,), 0.05), 0, spec))
+
+
+def test_bad_broadcast_qparams_input():
+    x, spec = data((4, 5)), QuantSpec(8)
+    expect(TypeError, "spec", broadcast_qparams, x, 0.1, 0, "int8")
+    expect(ValueError, "dtype", broadcast_qparams, x, 0.1, 0, spec, dtype=torch.float16)
+    expect(TypeError, "scale must be a number", broadcast_qparams, x, "0.1", 0, spec)
+    expect(TypeError, "scale must be a number", broadcast_qparams, x, True, 0, spec)
+    expect(TypeError, "zero_point must be real", broadcast_qparams, x, 0.1, torch.tensor(True), spec)
+    expect(TypeError, "scale must be real", broadcast_qparams, x, torch.tensor(0.1 + 0j), 0, spec)
+    expect(ValueError, "scale must be finite and > 0", broadcast_qparams, x, float("inf"), 0, spec)
+    expect(ValueError, "zero_point contains NaN", broadcast_qparams, x, 0.1, float("nan"), spec)
+    expect(ValueError, "zero_point must hold integer values", broadcast_qparams, x, 0.1, 0.5, spec)
+    expect(ValueError, "zero_point must lie on the grid", broadcast_qparams, x, 0.1, 128, spec)
+    expect(ValueError, "one scale and one zero_point", broadcast_qparams, x, torch.ones(2), 0, spec)
+    expect(ValueError, r"zero_point must be 1-d with one value per channel along axis 1 \(5\)",
+           broadcast_qparams, x, torch.ones(5), torch.zeros(2, 5), spec.per_channel(1))
 
 
 def test_lsq_quantizer_module_learns_its_step_size():

@@ -5,6 +5,7 @@
 
 from .functional import (
     ROUNDING_MODES,
+    broadcast_qparams,
     dequantize,
     fake_quant,
     in_grid,
@@ -16,9 +17,10 @@ from .functional import (
 )
 from .nonuniform import pow2_levels, quantize_to_levels
 from .spec import QuantSpec
+from .ste import ste_derivatives, ste_fake_quant
 
 __all__ = [
     "QuantSpec", "qparams", "quantize", "dequantize", "fake_quant", "round_to_int", "in_grid",
-    "pow2_levels", "quantize_to_levels",
-    "lsq_fake_quant", "lsq_grad_scale", "ROUNDING_MODES",
+    "broadcast_qparams", "pow2_levels", "quantize_to_levels",
+    "lsq_fake_quant", "lsq_grad_scale", "ROUNDING_MODES", "ste_fake_quant", "ste_derivatives",
 ]

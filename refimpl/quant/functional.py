@@ -126,53 +126,66 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _broadcast_qparams(x: torch.Tensor, scale, zero_point, spec: QuantSpec):
+def _qparam_tensor(value, name: str, device, dtype: torch.dtype) -> torch.Tensor:
+    """A scale or zero point given as a number or a real tensor, detached, in ``dtype`` on ``device``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=dtype, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be real, got dtype {value.dtype}")
+    return value.detach().to(device=device, dtype=dtype)
+
+
+def broadcast_qparams(x: torch.Tensor, scale, zero_point, spec: QuantSpec, dtype: torch.dtype = torch.float32):
     """Validate (scale, zero_point) against x and spec; return them shaped to broadcast over x.
 
-    Returns scale (float32), zero_point (float32, integral values), both either python floats
-    (per-tensor) or tensors of shape [1, ..., C, ..., 1] (per-channel), and the channel axis.
+    The parameters of white paper §2.2 (eqs. 4-7): scale > 0 and finite, zero_point an integer
+    on spec's grid [qmin, qmax]. Per tensor (spec.axis None): one value each. Per channel: 1-d
+    with x.shape[spec.axis] values, or one value used for every channel.
+
+    x: tensor whose shape and device the parameters are shaped for (its values are not read).
+    scale, zero_point: Python numbers or real tensors of any dtype. dtype: the dtype to return
+    them in (float32: as PyTorch's fake-quant kernels, which take a float32 scale; float64).
+    Returns (scale, zero_point, axis): scale and zero_point (integral values) in ``dtype`` on x's
+    device, 0-d per tensor or of shape [1, ..., C, ..., 1] per channel; axis the non-negative
+    channel axis, or None per tensor.
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
-    if isinstance(zero_point, int) and not isinstance(zero_point, bool):
-        zero_point = torch.tensor(zero_point, dtype=torch.int32, device=x.device)
-    if not isinstance(scale, torch.Tensor):
-        raise TypeError(f"scale must be a float or a torch.Tensor, got {type(scale).__name__}")
-    if not isinstance(zero_point, torch.Tensor):
-        raise TypeError(f"zero_point must be an int or a torch.Tensor, got {type(zero_point).__name__}")
-    scale = scale.detach().to(device=x.device, dtype=torch.float32)
-    zp = zero_point.detach().to(device=x.device)
-    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    s = _qparam_tensor(scale, "scale", x.device, dtype)
+    z = _qparam_tensor(zero_point, "zero_point", x.device, dtype)
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise ValueError("scale must be finite and > 0 everywhere")
-    zpf = zp.to(torch.float32)
-    if zp.is_floating_point() and not bool((zpf == torch.round(zpf)).all()):
-        raise ValueError("zero_point must hold integer values")
-    if not bool(((zpf >= spec.qmin) & (zpf <= spec.qmax)).all()):
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("zero_point contains NaN or Inf")
+    if not bool((z == torch.round(z)).all()):
+        raise ValueError("zero_point must hold integer values (the white paper's z is an integer, §2.2)")
+    if not bool(((z >= spec.qmin) & (z <= spec.qmax)).all()):
         raise ValueError(f"zero_point must lie on the grid [{spec.qmin}, {spec.qmax}]")
 
     if spec.axis is None:
-        if scale.numel() != 1 or zp.numel() != 1:
+        if s.numel() != 1 or z.numel() != 1:
             raise ValueError(
                 f"per-tensor quantization (spec.axis=None) needs one scale and one zero_point, got "
-                f"{scale.numel()} and {zp.numel()} values; use spec.per_channel(axis) for per-channel")
-        return scale.reshape(()), zpf.reshape(()), None
+                f"{s.numel()} and {z.numel()} values; use spec.per_channel(axis) for per-channel")
+        return s.reshape(()), z.reshape(()), None
     axis = normalize_axis(spec.axis, x.ndim, "spec.axis")
     channels = x.shape[axis]
-    if scale.ndim != 1 or scale.numel() != channels:
-        raise ValueError(
-            f"scale must be 1-d with one value per channel along axis {axis} ({channels}), "
-            f"got shape {tuple(scale.shape)}")
-    if zp.numel() == 1:
-        zpf = zpf.reshape(1).expand(channels)
-    if zpf.ndim != 1 or zpf.numel() != channels:
-        raise ValueError(
-            f"zero_point must be 1-d with one value per channel along axis {axis} ({channels}), "
-            f"got shape {tuple(zp.shape)}")
     shape = [1] * x.ndim
     shape[axis] = channels
-    return scale.reshape(shape), zpf.reshape(shape), axis
+    out = []
+    for name, t in (("scale", s), ("zero_point", z)):
+        if t.numel() == 1:
+            t = t.reshape(1).expand(channels)
+        if t.ndim != 1 or t.numel() != channels:
+            raise ValueError(
+                f"{name} must be 1-d with one value per channel along axis {axis} ({channels}), "
+                f"got shape {tuple(t.shape)}")
+        out.append(t.reshape(shape))
+    return out[0], out[1], axis
 
 
 def _bounds(zpf: torch.Tensor, spec: QuantSpec, cdt: torch.dtype):
@@ -266,7 +279,7 @@ def _codes(x, scale, zero_point, spec, rounding, generator, need_mask):
     """Validated integer codes of x and, when asked, the mask of codes not clipped."""
     check_float_tensor(x, "x")
     check_choice(rounding, "rounding", ROUNDING_MODES)
-    scale_b, zpf, axis = _broadcast_qparams(x, scale, zero_point, spec)
+    scale_b, zpf, axis = broadcast_qparams(x, scale, zero_point, spec)
     with torch.no_grad():
         return _quantize_blocks(x.detach(), scale_b, zpf, axis, spec, rounding, generator,
                                 codes_only=True, need_mask=need_mask)
@@ -288,7 +301,7 @@ def dequantize(q: torch.Tensor, scale, zero_point, spec: QuantSpec, dtype: torch
         raise ValueError("q is empty")
     if int(q.min()) < spec.qmin or int(q.max()) > spec.qmax:
         raise ValueError(f"q has codes outside the grid [{spec.qmin}, {spec.qmax}]")
-    scale_b, zpf, _ = _broadcast_qparams(q, scale, zero_point, spec)
+    scale_b, zpf, _ = broadcast_qparams(q, scale, zero_point, spec)
     codes = q.to(_compute_dtype(dtype)) - zpf.to(_compute_dtype(dtype))
     return _scaled_back(codes, scale_b, dtype)
 
@@ -332,7 +345,7 @@ def fake_quant(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: st
     """
     check_float_tensor(x, "x")
     check_choice(rounding, "rounding", ROUNDING_MODES)
-    scale_b, zpf, axis = _broadcast_qparams(x, scale, zero_point, spec)
+    scale_b, zpf, axis = broadcast_qparams(x, scale, zero_point, spec)
     return _FakeQuantSTE.apply(x, scale_b, zpf, axis, spec, rounding, generator)
 
 

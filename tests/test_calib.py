@@ -12,9 +12,13 @@ import torch
 from torch.ao.quantization import (MinMaxObserver, MovingAverageMinMaxObserver,
                                    MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver)
 
-from refimpl import calib
-from refimpl.calib import (bn_based, cross_entropy, ema_minmax, entropy_threshold, kl, minmax, mse,
-                           percentile)
+from torch import nn
+
+from refimpl.calib import (batchnorm_beta_gamma, bn_based, bn_relu_ranges, cross_entropy, ema_minmax,
+                           entropy_onnxruntime, kl_onnxruntime, kl_tensorrt, minmax, mse, percentile)
+from refimpl.calib.entropy import onnxruntime_divergences, tensorrt_divergences
+from refimpl.calib.scale_search import polish
+from refimpl.models import ResNetCNN
 from refimpl.quant import QuantSpec, fake_quant, qparams
 
 ort_calibrate = pytest.importorskip("onnxruntime.quantization.calibrate")
@@ -172,7 +176,7 @@ def test_mse_reaches_brute_force_optimum(bits, symmetric):
 def test_mse_large_tensor_uses_region_search_and_still_beats_dense_scan():
     # 40k values at 8 bits: too many pieces for the whole-range sweep, so the grid narrows first
     x = sample("laplace", (40_000,), 11)
-    assert 40_000 * 128 > calib._FULL_SEARCH_KINKS
+    assert 40_000 * 128 > 1 << 21                        # more pieces than the whole-range sweep takes
     spec = QuantSpec(8)
     lo, hi = mse(x, spec)
     t = float(hi) * torch.linspace(0.9, 1.1, 401, dtype=torch.float64).unsqueeze(0)
@@ -277,7 +281,7 @@ def assert_same_or_float32_tie(hist, edges, nqb, got, want):
     its float32 rounding of the smallest: then rounding, not the definition, decided."""
     if got == want:
         return False
-    start, stop, div = calib._ort_divergences(hist.astype(np.int64), nqb)
+    start, stop, div = onnxruntime_divergences(hist.astype(np.int64), nqb)
     theirs = int(np.flatnonzero(edges[start] == want[0])[0])
     assert div[theirs] - div.min() < 2e-6 * max(1.0, abs(div.min())), (got, want, div[theirs], div.min())
     return True
@@ -301,7 +305,7 @@ KINDS = ["gauss", "laplace", "heavy", "relu", "bimodal"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_entropy_threshold_equals_onnxruntime(kind):
+def test_entropy_onnxruntime_equals_onnxruntime(kind):
     """onnxruntime's own histograms (and copies with runs of empty bins): the same threshold.
     About 1 in 300 such histograms has two windows whose KL divergences differ by less than
     onnxruntime's float32 rounding (~1e-7); there its choice is rounding, which is checked."""
@@ -318,13 +322,13 @@ def test_entropy_threshold_equals_onnxruntime(kind):
             if hist.sum() == 0:
                 continue
         want = ort_threshold(hist, edges, nqb)
-        got = entropy_threshold(hist, edges, nqb)
+        got = entropy_onnxruntime(hist, edges, nqb)
         assert got[0].dtype == got[1].dtype == edges.dtype
         ties += assert_same_or_float32_tie(hist, edges, nqb, got, want)
     assert ties <= 1
 
 
-def test_entropy_threshold_small_histograms_agree_up_to_float32_ties():
+def test_entropy_onnxruntime_small_histograms_agree_up_to_float32_ties():
     """Tiny histograms with any nqb: equal, except where two windows' KL divergences differ by
     less than onnxruntime's float32 rounding, so that its choice is decided by rounding."""
     rng = np.random.default_rng(7)
@@ -341,27 +345,27 @@ def test_entropy_threshold_small_histograms_agree_up_to_float32_ties():
         if hist.sum() == 0:
             continue
         want = ort_threshold(hist, edges, nqb)
-        got = entropy_threshold(hist, edges, nqb)
+        got = entropy_onnxruntime(hist, edges, nqb)
         ties += assert_same_or_float32_tie(hist, edges, nqb, got, want)
     assert ties <= 10
 
 
-def test_entropy_threshold_float16_histogram_equals_onnxruntime():
+def test_entropy_onnxruntime_float16_histogram_equals_onnxruntime():
     x = np.random.default_rng(3).normal(size=20_000).astype(np.float16)
     t = np.abs(x).max()
     hist, edges = np.histogram(x, 256, range=(-t, t))
     assert edges.dtype == np.float16
-    got = entropy_threshold(hist, edges, 32)
+    got = entropy_onnxruntime(hist, edges, 32)
     assert got == ort_threshold(hist, edges, 32) and got[1].dtype == np.float16
 
 
-def test_entropy_threshold_is_50x_faster_than_onnxruntime():
+def test_entropy_onnxruntime_is_50x_faster_than_onnxruntime():
     x = np.random.default_rng(0).laplace(size=1_000_000).astype(np.float32)
     hist, edges = ort_histogram(x, 2048)
     mine = []
     for _ in range(5):
         t0 = time.perf_counter()
-        got = entropy_threshold(hist, edges)
+        got = entropy_onnxruntime(hist, edges)
         mine.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     want = ort_threshold(hist, edges, 128)
@@ -371,7 +375,7 @@ def test_entropy_threshold_is_50x_faster_than_onnxruntime():
 
 
 def tensorrt_reference(hist, nqb):
-    """Migacz's entropy calibration, one candidate at a time (the definition of calib.kl)."""
+    """Migacz's entropy calibration, one candidate at a time (the definition of calib.kl_tensorrt)."""
     divs = []
     for i in range(nqb, hist.size + 1):
         p = hist[:i].astype(np.float64)
@@ -393,31 +397,31 @@ def tensorrt_reference(hist, nqb):
 
 
 @pytest.mark.parametrize("kind", ["gauss", "laplace", "heavy", "relu"])
-def test_kl_symmetric_equals_tensorrt_definition(kind):
+def test_kl_tensorrt_equals_tensorrt_definition(kind):
     rng = np.random.default_rng(5)
     x = torch.tensor(random_data(kind, 20_000, rng))
     spec = QuantSpec(5)                                       # 16 levels on [0, t]
-    lo, hi = kl(x, spec, num_bins=200)
+    lo, hi = kl_tensorrt(x, spec, num_bins=200)
     hist = np.histogram(np.abs(x.numpy()), 200, range=(0, float(x.abs().max())))[0]
     divs = tensorrt_reference(hist, 16)
-    vectorised = calib._tensorrt_kl(torch.tensor(hist, dtype=torch.float64)[None], 16)[0].numpy()
+    vectorised = tensorrt_divergences(torch.tensor(hist, dtype=torch.float64)[None], 16)[0].numpy()
     np.testing.assert_allclose(vectorised, divs, rtol=1e-9, atol=1e-12)
     want = float(x.abs().max()) * (int(np.argmin(divs)) + 16) / 200
     assert float(hi) == pytest.approx(want, rel=1e-6) and torch.equal(lo, -hi)
 
 
-def test_kl_default_int8_threshold_is_a_clip():
+def test_kl_tensorrt_default_int8_threshold_is_a_clip():
     x = torch.tensor(np.random.default_rng(2).laplace(size=500_000))
-    lo, hi = kl(x, QuantSpec(8))
+    lo, hi = kl_tensorrt(x, QuantSpec(8))
     # Laplacian: the divergence-optimal threshold clips a little, well inside the data's range
     assert 0.3 * float(x.abs().max()) < float(hi) < float(x.abs().max())
 
 
 @pytest.mark.parametrize("num_bins,nqb,seed", [(512, 128, 9), (300, None, 9), (1000, 64, 4)])
-def test_kl_asymmetric_equals_onnxruntime_entropy_calibration(num_bins, nqb, seed):
+def test_kl_onnxruntime_equals_onnxruntime_entropy_calibration(num_bins, nqb, seed):
     x = np.random.default_rng(seed).laplace(size=30_000).astype(np.float32) * 2 + 0.5
     spec = QuantSpec(7, symmetric=False)                      # 128 levels by default
-    lo, hi = kl(torch.tensor(x), spec, num_bins=num_bins, num_quantized_bins=nqb)
+    lo, hi = kl_onnxruntime(torch.tensor(x), spec, num_bins=num_bins, num_quantized_bins=nqb)
     collector = ort_collector(num_bins, nqb or 128)
     with contextlib.redirect_stdout(io.StringIO()):
         collector.collect({"t": x})
@@ -426,7 +430,7 @@ def test_kl_asymmetric_equals_onnxruntime_entropy_calibration(num_bins, nqb, see
         # (300, None): two windows' KL divergences differ by 4e-7 relative, below float32's
         # resolution of onnxruntime's sums; check that it is such a tie
         hist, edges = collector.get_histogram_dict()["t"][:2]
-        got = entropy_threshold(hist, edges, nqb or 128)
+        got = entropy_onnxruntime(hist, edges, nqb or 128)
         assert assert_same_or_float32_tie(hist, edges, nqb or 128, got,
                                           ort_threshold(hist, edges, nqb or 128))
         assert float(hi) == min(float(got[1]), float(x.max()))
@@ -434,10 +438,11 @@ def test_kl_asymmetric_equals_onnxruntime_entropy_calibration(num_bins, nqb, see
 
 def test_kl_per_channel_is_per_row_kl():
     x = sample("laplace", (3, 4000), 8)
-    lo, hi = kl(x, QuantSpec(8, axis=0), num_bins=512)
-    for c in range(3):
-        l_c, h_c = kl(x[c], QuantSpec(8), num_bins=512)
-        assert lo[c] == l_c and hi[c] == h_c
+    for kl, spec in ((kl_tensorrt, QuantSpec(8)), (kl_onnxruntime, QuantSpec(8, symmetric=False))):
+        lo, hi = kl(x, spec.per_channel(0), num_bins=512)
+        for c in range(3):
+            l_c, h_c = kl(x[c], spec, num_bins=512)
+            assert lo[c] == l_c and hi[c] == h_c
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,21 +451,72 @@ def test_kl_per_channel_is_per_row_kl():
 def test_bn_based_ranges():
     gamma = torch.tensor([0.5, -2.0, 1.0])
     beta = torch.tensor([0.1, 0.3, -4.0])
-    lo, hi = bn_based(gamma, beta, QuantSpec(8))
+    lo, hi = bn_based(beta, gamma, QuantSpec(8))
     assert float(lo) == pytest.approx(min(0.1 - 3, 0.3 - 12, -4.0 - 6))
     assert float(hi) == pytest.approx(0.3 + 12)
-    lo, hi = bn_based(gamma, beta, QuantSpec(8, axis=1), alpha=3.0)
+    lo, hi = bn_based(beta, gamma, QuantSpec(8, axis=1), alpha=3.0)
     torch.testing.assert_close(lo, beta - 3 * gamma.abs())
     torch.testing.assert_close(hi, beta + 3 * gamma.abs())
+    assert all(torch.equal(u, v) for u, v in zip(bn_based(gamma=gamma, beta=beta, spec=QuantSpec(8)),
+                                                  bn_based(beta, gamma, QuantSpec(8))))
     bn = torch.nn.BatchNorm2d(3)
     with torch.no_grad():
         bn.weight.copy_(gamma)
         bn.bias.copy_(beta)
     per_channel = QuantSpec(8, axis=1)
-    assert bn_based(bn, None, per_channel)[1].tolist() == bn_based(gamma, beta, per_channel)[1].tolist()
+    from_module = bn_based(*batchnorm_beta_gamma(bn), per_channel)
+    assert from_module[1].tolist() == bn_based(beta, gamma, per_channel)[1].tolist()
     plain = torch.nn.BatchNorm1d(4, affine=False)
-    lo, hi = bn_based(plain, None, QuantSpec(8))
+    lo, hi = bn_based(*batchnorm_beta_gamma(plain), QuantSpec(8))
     assert float(lo) == -6.0 and float(hi) == 6.0
+
+
+@pytest.mark.parametrize("old,new", [("bn_weight", "gamma"), ("bn_bias", "beta")])
+def test_bn_based_old_keywords_name_the_new_ones(old, new):
+    with pytest.raises(TypeError, match=f"'{old}' is now spelled '{new}'"):
+        bn_based(torch.ones(3), spec=QuantSpec(8), **{old: torch.ones(3)})
+
+
+def bn_model(seed=0):
+    torch.manual_seed(seed)
+    model = ResNetCNN(width=4, num_blocks=2).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.randn(m.num_features))
+                m.bias.copy_(torch.randn(m.num_features))
+    return model
+
+
+def test_bn_relu_ranges_follow_the_batchnorms_and_add_at_residual_sums():
+    model = bn_model()
+    spec = QuantSpec(8)
+    r = bn_relu_ranges(model, spec, alpha=4.0)
+    assert list(r) == ["stem.relu", "blocks.0.relu1", "blocks.0.relu2", "blocks.1.relu1", "blocks.1.relu2"]
+
+    def bn(m):
+        return bn_based(*batchnorm_beta_gamma(m), spec, alpha=4.0)
+
+    def relu(lo, hi):
+        return lo.clamp(min=0), hi.clamp(min=0)
+
+    assert all(torch.equal(a, b) for a, b in zip(r["stem.relu"], relu(*bn(model.stem.bn))))
+    assert all(torch.equal(a, b) for a, b in zip(r["blocks.1.relu1"], relu(*bn(model.blocks[1].bn1))))
+    # block 0: identity shortcut, the block's input is stem.relu's output
+    lo, hi = bn(model.blocks[0].bn2)
+    want = relu(lo + r["stem.relu"][0], hi + r["stem.relu"][1])
+    assert all(torch.equal(a, b) for a, b in zip(r["blocks.0.relu2"], want))
+    # block 1: projection shortcut with its own BatchNorm
+    lo, hi = bn(model.blocks[1].bn2)
+    s_lo, s_hi = bn(model.blocks[1].shortcut.bn)
+    want = relu(lo + s_lo, hi + s_hi)
+    assert all(torch.equal(a, b) for a, b in zip(r["blocks.1.relu2"], want))
+    assert all(float(lo) >= 0 for lo, _ in r.values())
+    per_channel = bn_relu_ranges(model, QuantSpec(8, axis=1), alpha=4.0)
+    assert per_channel["blocks.1.relu2"][1].shape == (8,)
+    assert float(per_channel["blocks.1.relu2"][1].max()) <= float(r["blocks.1.relu2"][1]) + 1e-6
+    with pytest.raises(TypeError, match="ResNetCNN"):
+        bn_relu_ranges(nn.Linear(2, 2), spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +528,7 @@ ALL = {
     "percentile": lambda x, s: percentile(x, s, 99.0),
     "mse": lambda x, s: mse(x, s),
     "cross_entropy": lambda x, s: cross_entropy(x, s),
-    "kl": lambda x, s: kl(x, s, num_bins=256),
+    "kl": lambda x, s: (kl_tensorrt if s.symmetric else kl_onnxruntime)(x, s, num_bins=256),
 }
 
 
@@ -520,30 +576,36 @@ BAD = [
     (lambda: ema_minmax(torch.ones(3), QuantSpec(), (torch.zeros(2), torch.ones(2))), ValueError, "state[0]"),
     (lambda: ema_minmax(torch.ones(3), QuantSpec(), torch.zeros(2)), TypeError, "state must be"),
     (lambda: ema_minmax(torch.ones(3), QuantSpec(), (torch.tensor(math.nan), torch.tensor(1.0))), ValueError, "NaN"),
-    (lambda: kl(torch.ones(30), QuantSpec(), num_bins=1), ValueError, "num_bins"),
-    (lambda: kl(torch.ones(30), QuantSpec(), num_bins=64, num_quantized_bins=65), ValueError, "num_quantized_bins"),
-    (lambda: kl(torch.ones(30), QuantSpec(), num_bins=64.0), TypeError, "num_bins"),
-    (lambda: kl(torch.ones(30), QuantSpec(), num_bins=64), ValueError, "num_bins must be >= 128"),
+    (lambda: kl_tensorrt(torch.ones(30), QuantSpec(), num_bins=1), ValueError, "num_bins"),
+    (lambda: kl_tensorrt(torch.ones(30), QuantSpec(), num_bins=64, num_quantized_bins=65), ValueError,
+     "num_quantized_bins"),
+    (lambda: kl_tensorrt(torch.ones(30), QuantSpec(), num_bins=64.0), TypeError, "num_bins"),
+    (lambda: kl_tensorrt(torch.ones(30), QuantSpec(), num_bins=64), ValueError, "num_bins must be >= 128"),
+    (lambda: kl_onnxruntime(torch.ones(30), QuantSpec(symmetric=False), num_bins=64), ValueError,
+     "num_bins must be >= 256"),
+    (lambda: kl_tensorrt(torch.ones(30), QuantSpec(symmetric=False)), ValueError, "kl_tensorrt needs a symmetric spec"),
+    (lambda: kl_onnxruntime(torch.ones(30), QuantSpec()), ValueError, "kl_onnxruntime needs an asymmetric spec"),
     (lambda: cross_entropy(torch.ones(4, 3), QuantSpec(axis=1), class_axis=-1), ValueError, "class_axis"),
     (lambda: cross_entropy(torch.ones(4, 3), QuantSpec(), class_axis=2), ValueError, "class_axis=2"),
     (lambda: bn_based(torch.ones(3), torch.ones(4), QuantSpec()), ValueError, "same length"),
     (lambda: bn_based(torch.ones(3), torch.ones(3), QuantSpec(), alpha=-1.0), ValueError, "alpha"),
-    (lambda: bn_based(torch.nn.BatchNorm1d(3), torch.ones(3), QuantSpec()), ValueError, "bn_bias must be None"),
-    (lambda: bn_based(torch.tensor([1.0, math.inf]), torch.ones(2), QuantSpec()), ValueError, "bn_weight"),
+    (lambda: bn_based(torch.nn.BatchNorm1d(3), None, QuantSpec()), TypeError, "batchnorm_beta_gamma(bn)"),
+    (lambda: bn_based(torch.ones(2), torch.tensor([1.0, math.inf]), QuantSpec()), ValueError, "gamma"),
+    (lambda: batchnorm_beta_gamma(torch.nn.Linear(2, 2)), TypeError, "BatchNorm module"),
 ]
 HIST = np.array([1, 0, 5, 9, 4, 0, 2, 1])
 EDGES = np.linspace(-1, 1, 9).astype(np.float32)
 BAD += [
-    (lambda: entropy_threshold(HIST, EDGES[:-1]), ValueError, "len(hist) + 1"),
-    (lambda: entropy_threshold(np.where(HIST == 9, np.nan, HIST), EDGES), ValueError, "finite"),
-    (lambda: entropy_threshold(HIST - 2, EDGES, 4), ValueError, "non-negative"),
-    (lambda: entropy_threshold(HIST + 0.5, EDGES, 4), ValueError, "integer counts"),
-    (lambda: entropy_threshold(np.zeros(8, int), EDGES, 4), ValueError, "no counts"),
-    (lambda: entropy_threshold(HIST, EDGES, 9), ValueError, "num_quantized_bins"),
-    (lambda: entropy_threshold(HIST, EDGES, 1), ValueError, "num_quantized_bins"),
-    (lambda: entropy_threshold(HIST, EDGES[::-1].copy(), 4), ValueError, "increasing"),
-    (lambda: entropy_threshold(HIST.reshape(2, 4), EDGES, 4), ValueError, "1-d"),
-    (lambda: entropy_threshold(list(HIST), EDGES, 4), TypeError, "numpy arrays"),
+    (lambda: entropy_onnxruntime(HIST, EDGES[:-1]), ValueError, "len(hist) + 1"),
+    (lambda: entropy_onnxruntime(np.where(HIST == 9, np.nan, HIST), EDGES), ValueError, "finite"),
+    (lambda: entropy_onnxruntime(HIST - 2, EDGES, 4), ValueError, "non-negative"),
+    (lambda: entropy_onnxruntime(HIST + 0.5, EDGES, 4), ValueError, "integer counts"),
+    (lambda: entropy_onnxruntime(np.zeros(8, int), EDGES, 4), ValueError, "no counts"),
+    (lambda: entropy_onnxruntime(HIST, EDGES, 9), ValueError, "num_quantized_bins"),
+    (lambda: entropy_onnxruntime(HIST, EDGES, 1), ValueError, "num_quantized_bins"),
+    (lambda: entropy_onnxruntime(HIST, EDGES[::-1].copy(), 4), ValueError, "increasing"),
+    (lambda: entropy_onnxruntime(HIST.reshape(2, 4), EDGES, 4), ValueError, "1-d"),
+    (lambda: entropy_onnxruntime(list(HIST), EDGES, 4), TypeError, "numpy arrays"),
 ]
 
 
@@ -561,6 +623,7 @@ def test_kl_ignore_zeros_on_post_relu_data(symmetric):
     g = torch.Generator().manual_seed(7)
     x = torch.relu(torch.randn(40_000, generator=g))
     spec = QuantSpec(8, signed=not symmetric, symmetric=symmetric)
+    kl = kl_tensorrt if symmetric else kl_onnxruntime
     lo_z, hi_z = kl(x, spec, ignore_zeros=True)
     lo_n, hi_n = kl(x[x != 0], spec)
     assert torch.equal(hi_z, hi_n) and torch.equal(lo_z, lo_n)
@@ -576,17 +639,16 @@ def test_kl_ignore_zeros_on_post_relu_data(symmetric):
 
 def test_mse_polish_batched_equals_the_candidate_loop():
     """calib.mse scores its 33 float32 candidate ranges in one batched call: the same ranges as
-    scoring them one at a time (the unbatched path of _polish), on per-tensor and per-channel,
-    symmetric and asymmetric grids."""
-    from refimpl.calib import _polish, _mse_search, _row_spec, _rows
-    from refimpl.quant import fake_quant, qparams
+    scoring them one at a time (the unbatched path of scale_search.polish), on per-tensor and
+    per-channel, symmetric and asymmetric grids, around the scale and zero point mse chose."""
     gen = torch.Generator().manual_seed(0)
     for spec, x in ((QuantSpec(4, signed=True, symmetric=True, axis=0), torch.randn(5, 300, generator=gen)),
                     (QuantSpec(3, signed=False, symmetric=False), torch.randn(2000, generator=gen).clamp(min=0)),
                     (QuantSpec(8, signed=True, symmetric=False, axis=0), torch.randn(3, 50, generator=gen) ** 3)):
-        X = _rows(x, spec).to(torch.float64)
-        s, zp = _mse_search(X, spec)
-        rspec = _row_spec(spec)
+        X = rows_of(x, spec).to(torch.float64)
+        rspec = spec.per_channel(0)
+        s, zp = qparams(*(r.reshape(-1) for r in mse(x, spec)), rspec)
+        s, zp = s.to(torch.float64), zp.to(torch.int64)
 
         def one(lo, hi):
             scale, z = qparams(lo, hi, rspec)
@@ -596,5 +658,5 @@ def test_mse_polish_batched_equals_the_candidate_loop():
             return torch.stack([one(lo[k], hi[k]) for k in range(lo.shape[0])])
 
         for elements in (X.numel(), (1 << 22) // 5):      # all candidates at once; chunks of 5
-            a, b = _polish(s, zp, spec, one), _polish(s, zp, spec, batched, batch_elements=elements)
+            a, b = polish(s, zp, spec, one), polish(s, zp, spec, batched, batch_elements=elements)
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -1,4 +1,6 @@
-"""Set-up shared by the book's chapters: determinism, print formats, figure style."""
+"""The chapters' support: ``setup()`` (determinism, print formats, figure style), called first by
+every chapter; ``refimpl.book.plots`` (figures), ``refimpl.book.tables`` (Markdown tables, mean ±
+std over seeds) and ``refimpl.book.toys`` (small dynamics chapter 2 plots)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import warnings
 import numpy as np
 import torch
 
-from . import numerics
+from .. import numerics
+
+__all__ = ["setup"]
 
 
 def setup(seed: int = 0) -> None:

@@ -1,10 +1,10 @@
-"""Plotting and table helpers for the book's chapters (matplotlib; no computation beyond min/max).
+"""Figures for the book's chapters (matplotlib; no computation beyond min/max).
 
 * ``plot_grid_over_histogram`` — a histogram of values with one or more quantization grids drawn
-  over it as vertical lines, each grid in its own horizontal band.
+  over it as vertical lines, each grid in its own horizontal band (chapters 1 and 3).
 * ``plot_channel_ranges`` — the [min, max] range of a weight tensor per output channel, against the
-  single range a per-tensor quantizer would use.
-* ``markdown_table`` — a Markdown table string for ``IPython.display.Markdown``.
+  single range a per-tensor quantizer would use (chapters 2 and 5).
+* ``plot_sensitivity`` — the debugging flow's per-layer accuracies (chapter 5).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ._checks import check_float_tensor, check_int, normalize_axis
+from .._checks import check_float_tensor, check_int, normalize_axis
 
-__all__ = ["plot_grid_over_histogram", "plot_channel_ranges", "markdown_table"]
+__all__ = ["plot_grid_over_histogram", "plot_channel_ranges", "plot_sensitivity"]
 
 
 def _to_numpy(t, name: str) -> np.ndarray:
@@ -113,38 +113,3 @@ def plot_sensitivity(ax, report: Mapping, title: str | None = None):
     if title:
         ax.set_title(title, fontsize=9)
     return ax
-
-
-def _cell(value) -> str:
-    """A table cell's text, with "|" escaped (GFM would read it as a column separator)."""
-    return str(value).replace("|", "\\|")
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Sequence[str | None] | None = None) -> str:
-    """A Markdown (GFM) table: ``headers``, then one line per row.
-
-    formats: one format spec per column (e.g. ".2f", "d", or None for ``str``); numeric columns
-    are right-aligned, text columns left-aligned. Non-numeric cells are always shown with ``str``.
-    A "|" in a header or cell is escaped, so it cannot split the column.
-    Returns the table as a string (display it with ``IPython.display.Markdown``).
-    """
-    headers = [_cell(h) for h in headers]
-    ncol = len(headers)
-    if ncol == 0:
-        raise ValueError("headers must not be empty")
-    formats = list(formats) if formats is not None else [None] * ncol
-    if len(formats) != ncol:
-        raise ValueError(f"formats must have one entry per column ({ncol}), got {len(formats)}")
-    rows = [list(row) for row in rows]
-    lines_rows, numeric = [], [True] * ncol
-    for r, row in enumerate(rows):
-        if len(row) != ncol:
-            raise ValueError(f"row {r} has {len(row)} cells, expected {ncol}")
-        cells = []
-        for j, (cell, fmt) in enumerate(zip(row, formats)):
-            is_num = isinstance(cell, (int, float, np.integer, np.floating)) and not isinstance(cell, bool)
-            numeric[j] &= is_num
-            cells.append(_cell(format(cell, fmt) if (is_num and fmt) else cell))
-        lines_rows.append("| " + " | ".join(cells) + " |")
-    align = ["---:" if (numeric[j] and rows) else ":---" for j in range(ncol)]
-    return "\n".join(["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |", *lines_rows])

@@ -1,4 +1,5 @@
-"""Small dynamics on a quantized value, for the chapters: accumulation and STE descent."""
+"""Small dynamics on a quantized value that chapter 2 plots: repeated re-quantized updates and
+gradient descent through the straight-through estimator."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import math
 
 import torch
 
-from ._checks import check_choice, check_float_tensor, check_int
-from .quant.functional import ROUNDING_MODES, fake_quant
-from .quant.spec import QuantSpec
+from .._checks import check_choice, check_float_tensor, check_int
+from ..quant import ROUNDING_MODES, QuantSpec, fake_quant
 
-__all__ = ["accumulate_updates", "ste_gradient_descent", "mean_std", "format_mean_std"]
+__all__ = ["accumulate_updates", "ste_gradient_descent"]
 
 
 def _scalar_qparams(scale, spec: QuantSpec):
@@ -80,21 +80,3 @@ def ste_gradient_descent(w0: float, target: float, scale: float, spec: QuantSpec
         with torch.no_grad():
             w -= lr * grad
     return latent, quantized
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value) of numbers."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("values must not be empty")
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-
-
-def format_mean_std(values, digits: int = 1) -> str:
-    """"mean ± std" of numbers (e.g. accuracies over seeds), both to ``digits`` decimals."""
-    digits = check_int(digits, "digits", 0, 6)
-    mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"

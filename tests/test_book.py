@@ -1,4 +1,8 @@
-"""refimpl.plots: what each helper draws, checked on the artists it returns (Agg backend)."""
+"""refimpl.book: what each plotting helper draws, checked on the artists it returns (Agg backend);
+Markdown tables; the toy dynamics of chapter 2 against NumPy recurrences."""
+
+import math
+import statistics
 
 import matplotlib
 
@@ -10,7 +14,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from refimpl.plots import markdown_table, plot_channel_ranges, plot_grid_over_histogram  # noqa: E402
+from refimpl.book.plots import plot_channel_ranges, plot_grid_over_histogram, plot_sensitivity  # noqa: E402
+from refimpl.book.tables import format_mean_std, markdown_table, mean_std  # noqa: E402
+from refimpl.book.toys import accumulate_updates, ste_gradient_descent  # noqa: E402
+from refimpl.quant import QuantSpec  # noqa: E402
 
 
 def test_grid_over_histogram_draws_each_grid_in_its_band():
@@ -73,7 +80,6 @@ def test_plot_sensitivity_draws_both_kinds_of_bars():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from refimpl.plots import plot_sensitivity
     rep = {"fp32": 99.0, "full": 90.0, "layers": {"a": 95.0, "b": 98.0}, "sites": {"input": 97.0, "a": 93.0}}
     fig, ax = plt.subplots()
     plot_sensitivity(ax, rep)
@@ -83,3 +89,45 @@ def test_plot_sensitivity_draws_both_kinds_of_bars():
     plt.close(fig)
     with pytest.raises(ValueError, match="missing"):
         plot_sensitivity(ax, {"fp32": 1.0})
+
+
+def test_accumulate_updates_nearest_stalls_stochastic_follows_in_expectation():
+    spec, s = QuantSpec(16), 1.0 / 64
+    x0 = torch.zeros(2000, dtype=torch.float64)
+    near = accumulate_updates(x0, 0.3 * s, 100, s, spec)
+    assert near.shape == (101, 2000) and torch.equal(near, torch.zeros_like(near))
+    up = accumulate_updates(x0[:3], 0.7 * s, 10, s, spec)      # above s/2: one code per step
+    assert torch.allclose(up[-1], torch.full((3,), 10 * s, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    sto = accumulate_updates(x0, 0.3 * s, 100, s, spec, "stochastic", g)
+    final = sto[-1].numpy()
+    se = final.std(ddof=1) / math.sqrt(final.size)
+    assert abs(final.mean() - 100 * 0.3 * s) < 4 * se
+    assert np.all(np.abs(np.round(final / s) - final / s) == 0)        # always on the grid
+
+def test_ste_gradient_descent_equals_numpy_recurrence_and_oscillates():
+    spec, s, t, lr = QuantSpec(8), 0.5, 0.3 * 0.5, 0.2
+    latent, quantized = ste_gradient_descent(0.45, t, s, spec, lr, 200)
+    w, ws, qs = 0.45, [], []
+    for _ in range(201):
+        q = s * np.clip(np.round(w / s), spec.qmin, spec.qmax)     # np.round: half to even
+        ws.append(w)
+        qs.append(q)
+        w = w - lr * (q - t)
+    assert np.allclose(latent.numpy(), ws, rtol=0, atol=1e-12)
+    assert np.array_equal(quantized.numpy(), np.array(qs))
+    tail = quantized[50:]
+    assert set(tail.tolist()) == {0.0, 0.5}                          # flips between the neighbours
+    assert float(latent[50:].min()) < s / 2 < float(latent[50:].max())
+    with pytest.raises(ValueError, match="lr"):
+        ste_gradient_descent(0.0, 0.1, s, spec, -1.0, 3)
+
+
+def test_mean_std_and_format():
+    vals = [97.1, 98.2, 97.3]
+    m, s = mean_std(vals)
+    assert m == pytest.approx(statistics.mean(vals)) and s == pytest.approx(statistics.stdev(vals))
+    assert mean_std([5]) == (5.0, 0.0)
+    assert format_mean_std(vals) == f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+    with pytest.raises(ValueError, match="empty"):
+        mean_std([])

@@ -1,4 +1,5 @@
-"""A trained convolution as a deployed integer kernel sees it, and PyTorch's own integer conv.
+"""A trained convolution lowered to the integer GEMM operands a deployed kernel runs, and PyTorch's
+own integer conv as reference (book chapter 4, "Integer inference on ARM").
 
 :func:`integer_conv_operands` quantizes a real ``nn.Conv2d`` and a real input batch (activations
 per-tensor symmetric int8, weights per-output-channel symmetric narrow-range int8, white paper
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_int
-from .calib import minmax
-from .quant import QuantSpec, qparams, quantize
-from .quant.integer import im2col
+from .._checks import check_int
+from ..calib import minmax
+from ..quant import QuantSpec, qparams, quantize
+from ..quant.integer import im2col
 
 __all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv"]
 

@@ -99,6 +99,80 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean())
 
 
+def _check_arguments(qmodel, fp_model, x_calib, iterations, batch_size, reg_weight, beta, warmup, lr, seed):
+    """ValueError/TypeError for bad arguments; the layers to round, in graph order."""
+    if not isinstance(fp_model, nn.Module):
+        raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
+    check_float_tensor(x_calib, "x_calib")
+    check_int(iterations, "iterations", 1)
+    check_int(batch_size, "batch_size", 1)
+    check_int(seed, "seed", 0)
+    if not (isinstance(reg_weight, (int, float)) and reg_weight >= 0 and math.isfinite(reg_weight)):
+        raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight!r}")
+    if not (isinstance(warmup, (int, float)) and 0.0 <= warmup < 1.0):
+        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if len(beta) != 2 or not all(b > 0 for b in beta):
+        raise ValueError(f"beta must be (start, end) with both > 0, got {beta!r}")
+    names = _layers_in_graph_order(qmodel)
+    fp_modules = dict(fp_model.named_modules())
+    layers = quant_layers(qmodel)
+    for name in names:
+        w = layers[name].weight
+        if name not in fp_modules or getattr(fp_modules[name], "weight", None) is None \
+                or fp_modules[name].weight.shape != w.shape:
+            raise ValueError(f"fp_model has no layer {name!r} with weight shape {tuple(w.shape)}: pass the "
+                             "FP32 (BN-folded) model that qmodel was quantized from")
+    for name in names:
+        if layers[name].weight_quantizer.kind != "fixed":
+            raise ValueError(f"layer {name!r}'s weight quantizer is of kind "
+                             f"{layers[name].weight_quantizer.kind!r}: set_trainable(qmodel, 'fixed') first")
+    return names
+
+
+def _learn_rounding(layer, f_a, x_in, target, gen, iterations, batch_size, reg_weight, beta, warmup, lr):
+    """V after ``iterations`` Adam steps on eqs. 25-26 for one layer (x_in, target: (N, ...))."""
+    wq = layer.weight_quantizer
+    w = layer.weight.detach().float()
+    floor, frac = wq.floor_codes(w)
+    # eq. 22 with the constant parts hoisted out of the loop: the same function as
+    # WeightQuantizer.quantize_with_rounding(w, h), so the same soft weight
+    scale, zp = wq.qparams_like(w)
+    v = init_v(frac).requires_grad_(True)
+    adam = _Adam(v, lr)
+    n = x_in.shape[0]
+    start = int(warmup * iterations)
+    for it in range(iterations):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(x_in.device)
+        h = rectified_sigmoid(v)
+        w_soft = soft_rounded_weight(floor, h, scale, zp, wq.spec)
+        out = f_a(layer.forward_with_weight(x_in[idx], w_soft))
+        loss = F.mse_loss(out, target[idx])
+        if it >= start and reg_weight > 0:
+            rel = (it - start) / max(1, iterations - start)
+            b = beta[1] + (beta[0] - beta[1]) * (1.0 - rel)
+            loss = loss + reg_weight * rounding_regularizer(v, b)
+        grad, = torch.autograd.grad(loss, v)
+        adam.step(grad)
+    return v.detach()
+
+
+@torch.no_grad()
+def _reconstruction_errors(layer, f_a, x_in, target, hard, batch_size) -> dict:
+    """{"mse_nearest", "mse_adaround"}: the layer's output error with each rounding, same inputs."""
+    wq = layer.weight_quantizer
+    w = layer.weight.detach().float()
+    errs = {}
+    # nearest: the quantizer's own round-to-nearest (rounding still None here)
+    for key, wqq in (("mse_nearest", layer.quantized_weight()),
+                     ("mse_adaround", wq.quantize_with_rounding(w, hard).to(layer.weight.dtype))):
+        outs = [f_a(layer.forward_with_weight(x_in[i:i + batch_size].to(layer.weight.dtype), wqq)).float()
+                for i in range(0, x_in.shape[0], batch_size)]
+        errs[key] = _mse(torch.cat(outs), target)
+    return errs
+
+
 def adaround(qmodel: nn.Module, fp_model: nn.Module, x_calib: torch.Tensor, iterations: int = 300,
              batch_size: int = 64, reg_weight: float = 0.01, beta: tuple = (20.0, 2.0), warmup: float = 0.2,
              lr: float = 1e-2, seed: int = 0, progress: bool = True) -> list[dict]:
@@ -114,40 +188,12 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, x_calib: torch.Tensor, iter
     squared reconstruction error f_a(W x) vs f_a(W_q x_hat) over all of x_calib with
     round-to-nearest and with the learned rounding, on the same inputs x_hat.
     """
-    if not isinstance(fp_model, nn.Module):
-        raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
-    check_float_tensor(x_calib, "x_calib")
-    iterations = check_int(iterations, "iterations", 1)
-    batch_size = check_int(batch_size, "batch_size", 1)
-    seed = check_int(seed, "seed", 0)
-    if not (isinstance(reg_weight, (int, float)) and reg_weight >= 0 and math.isfinite(reg_weight)):
-        raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight!r}")
-    if not (isinstance(warmup, (int, float)) and 0.0 <= warmup < 1.0):
-        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if len(beta) != 2 or not all(b > 0 for b in beta):
-        raise ValueError(f"beta must be (start, end) with both > 0, got {beta!r}")
-    names = _layers_in_graph_order(qmodel)
-    fp_modules = dict(fp_model.named_modules())
-    for name in names:
-        w = quant_layers(qmodel)[name].weight
-        if name not in fp_modules or getattr(fp_modules[name], "weight", None) is None \
-                or fp_modules[name].weight.shape != w.shape:
-            raise ValueError(f"fp_model has no layer {name!r} with weight shape {tuple(w.shape)}: pass the "
-                             "FP32 (BN-folded) model that qmodel was quantized from")
+    names = _check_arguments(qmodel, fp_model, x_calib, iterations, batch_size, reg_weight, beta, warmup, lr, seed)
     layers = quant_layers(qmodel)
-    for name in names:
-        if layers[name].weight_quantizer.kind != "fixed":
-            raise ValueError(f"layer {name!r}'s weight quantizer is of kind "
-                             f"{layers[name].weight_quantizer.kind!r}: set_trainable(qmodel, 'fixed') first")
-
     was = (qmodel.training, fp_model.training)
     qmodel.eval()
     fp_model.eval()
-    p = next(qmodel.parameters())
-    device = p.device
-    x_calib = x_calib.to(device)
+    x_calib = x_calib.to(next(qmodel.parameters()).device)
     cap_bs = 256
     gen = torch.Generator(device="cpu").manual_seed(seed)
     report = []
@@ -158,46 +204,17 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, x_calib: torch.Tensor, iter
         for name in bar:
             t0 = time.perf_counter()
             layer = layers[name]
-            wq = layer.weight_quantizer
             act = _activation_after(qmodel, name)
             f_a = (lambda t: t) if act is None else act
-            wq.set_rounding(None)
+            layer.weight_quantizer.set_rounding(None)
             x_in = capture_activations(qmodel, x_calib, [name], batch_size=cap_bs, where="input",
                                        stop=True)[name].float()
             with torch.no_grad():
                 target = f_a(fp_outputs.pop(name).float())
-            w = layer.weight.detach().float()
-            floor, frac = wq.floor_codes(w)
-            # eq. 22 with the constant parts hoisted out of the loop: the same function as
-            # WeightQuantizer.quantize_with_rounding(w, h), so the same soft weight
-            scale, zp = wq.qparams_like(w)
-            v = init_v(frac).requires_grad_(True)
-            adam = _Adam(v, lr)
-            n = x_in.shape[0]
-            start = int(warmup * iterations)
-            for it in range(iterations):
-                idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
-                h = rectified_sigmoid(v)
-                w_soft = soft_rounded_weight(floor, h, scale, zp, wq.spec)
-                out = f_a(layer.forward_with_weight(x_in[idx], w_soft))
-                loss = F.mse_loss(out, target[idx])
-                if it >= start and reg_weight > 0:
-                    rel = (it - start) / max(1, iterations - start)
-                    b = beta[1] + (beta[0] - beta[1]) * (1.0 - rel)
-                    loss = loss + reg_weight * rounding_regularizer(v, b)
-                grad, = torch.autograd.grad(loss, v)
-                adam.step(grad)
-            v = v.detach()
-            with torch.no_grad():
-                hard = (rectified_sigmoid(v) >= 0.5).float()
-                errs = {}
-                # nearest: the quantizer's own round-to-nearest (rounding still None here)
-                for key, wqq in (("mse_nearest", layer.quantized_weight()),
-                                 ("mse_adaround", wq.quantize_with_rounding(w, hard).to(layer.weight.dtype))):
-                    outs = [f_a(layer.forward_with_weight(x_in[i:i + cap_bs].to(layer.weight.dtype), wqq)).float()
-                            for i in range(0, n, cap_bs)]
-                    errs[key] = _mse(torch.cat(outs), target)
-            wq.set_rounding(hard)
+            v = _learn_rounding(layer, f_a, x_in, target, gen, iterations, batch_size, reg_weight, beta, warmup, lr)
+            hard = (rectified_sigmoid(v) >= 0.5).float()
+            errs = _reconstruction_errors(layer, f_a, x_in, target, hard, cap_bs)
+            layer.weight_quantizer.set_rounding(hard)
             report.append({"layer": name, **errs, "seconds": time.perf_counter() - t0})
             bar.set_postfix(layer=name, nearest=f"{errs['mse_nearest']:.3g}", ada=f"{errs['mse_adaround']:.3g}")
     finally:

@@ -127,3 +127,22 @@ def test_neon_imports_without_torch():
     code = "import sys, refimpl.neon; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _length(node) -> int:
+    """Lines of a function's body, its docstring left out."""
+    body = node.body[1:] if ast.get_docstring(node) and len(node.body) > 1 else node.body
+    return node.end_lineno - body[0].lineno + 1
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(PKG)) for p in FILES])
+def test_long_modules_and_functions_say_why(path):
+    """A module over ~600 lines or a function over ~60 says why in its docstring ("Why one ...")."""
+    text = path.read_text()
+    tree = ast.parse(text)
+    if len(text.splitlines()) > 600:
+        assert "Why one module" in (ast.get_docstring(tree) or ""), f"{path.name}: over 600 lines, no 'Why one module'"
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _length(node) > 60:
+            assert "Why one function" in (ast.get_docstring(node) or ""), \
+                f"{path.name}:{node.lineno} {node.name} has {_length(node)} lines and no 'Why one function'"

@@ -57,6 +57,10 @@ safe count), then int32 wrap. Cycles: tiles x (straight-line parts timed once wi
 packs into a :class:`~refimpl.neon.Machine`'s memory and runs the kernel per tile; cycles are
 the sum of the runs' ``RunStats.cycles``. Both count every tile of the padded problem (a
 partial edge tile costs a full one, as it would on the core).
+
+Why one module (~750 lines): the four families are built from the same prologue, loop, packing
+and requantisation-epilogue pieces, and checked by the same reference and fast paths; split
+apart, each file would import the others' private builders.
 """
 from __future__ import annotations
 

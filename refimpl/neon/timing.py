@@ -33,6 +33,10 @@ executing it; only the operands are used, never register values), then read ``ti
 and ``timer.stalls``. Steady-state figures for a loop body: :func:`steady_state_cycles`; the
 same with llvm-mca-19: :func:`llvm_mca_steady_state`; representative loops and the comparison
 table: :mod:`refimpl.neon.loops`.
+
+Why one module (~720 lines): about a third is data, the per-core latency and pipeline tables with
+their sources; the two machine models read those tables and nothing else, and the steady-state
+and llvm-mca helpers time loops with them.
 """
 from __future__ import annotations
 

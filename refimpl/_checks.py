@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -43,6 +44,16 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None)
             raise ValueError(f"{name} must be <= {high}, got {value}")
         raise ValueError(f"{name} must be in {low}..{high}, got {value}")
     return value
+
+
+def check_positive(value, name: str, allow_zero: bool = False) -> float:
+    """Raise unless ``value`` is a finite real number > 0 (>= 0 with ``allow_zero``); return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return float(value)
 
 
 def check_choice(value, name: str, allowed) -> str:

@@ -8,18 +8,18 @@ same seed gives bit-identical weights on the same machine, device and thread cou
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from refimpl._checks import check_choice, check_int
+from refimpl._checks import check_choice, check_int, check_positive
 from refimpl.data import DataSplit, load_dataset
+from refimpl.graph import device_of
 from refimpl.models import make_model
 
-__all__ = ["TRAIN_DEFAULTS", "train", "evaluate", "train_fp32"]
+__all__ = ["TRAIN_DEFAULTS", "fit", "train", "evaluate", "train_fp32"]
 
 # Per-(dataset, arch) defaults of train_fp32, tuned to train in seconds on one CPU thread.
 # ResNet, measured with torch.set_num_threads(1) on a 2-core CPU: digits 99.1 % test accuracy
@@ -40,18 +40,80 @@ TRAIN_DEFAULTS = {
 }
 
 
-def _check_positive(value, name: str, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value}")
-    return float(value)
+def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, *, scheduler=None, epochs: int,
+        batch_size: int, seed: int, after_step=None, after_epoch=None, progress: bool = True,
+        desc: str = "train") -> dict:
+    """Mini-batch training with cross-entropy: the loop of :func:`train` and ``refimpl.qat.qat_pipeline``.
+
+    No paper of its own (plain mini-batch training); the white paper's QAT (§4.4) runs through
+    it too. Each epoch draws a permutation of the training rows from a ``torch.Generator``
+    seeded with ``seed`` on the data's device (the global RNG is not used) and walks it in
+    batches of ``batch_size`` (the last one may be smaller), moved to the model's device. Per batch:
+    cross-entropy (mean over the batch), ``optimizer.zero_grad(set_to_none=True)``, backward,
+    ``optimizer.step()``, ``scheduler.step()`` (per step, when given), then ``after_step()``
+    under ``torch.no_grad()`` (e.g. to project parameters back onto their domain). After each
+    epoch its mean loss is appended to the history, then ``after_epoch(epoch, loss)`` runs and
+    may return a dict of extra progress-bar fields.
+
+    model: nn.Module mapping a batch of ``data.x_train`` rows (B, ...) to logits (B, classes),
+    put in train mode (and left so). data: any object with ``x_train`` (N, ...) float and
+    ``y_train`` (N,) int64 (e.g. ``refimpl.data.DataSplit``). optimizer: over the parameters to
+    train; scheduler: an LR scheduler stepped once per batch, or None.
+    Returns history = {"loss": list of ``epochs`` Python floats, the mean training loss per epoch}.
+    """
+    epochs, batch_size, seed = _check_fit_args(model, data, optimizer, scheduler, epochs, batch_size, seed,
+                                               after_step, after_epoch, progress)
+    x, y = data.x_train, data.y_train
+    device = device_of(model, default=torch.device("cpu"))
+    n = len(x)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    history = {"loss": []}
+    model.train()
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
+    for epoch in bar:
+        perm = torch.randperm(n, generator=gen, device=x.device)
+        total = torch.zeros((), device=device)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
+            # Accumulate on device: .item() per step would force a sync on accelerators.
+            total += loss.detach() * len(idx)
+        history["loss"].append(total.item() / n)
+        extra = after_epoch(epoch, history["loss"][-1]) if after_epoch is not None else None
+        bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", **(extra or {}))
+    return history
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+def _check_fit_args(model, data, optimizer, scheduler, epochs, batch_size, seed, after_step, after_epoch,
+                    progress) -> tuple[int, int, int]:
+    """Validate fit's arguments; return (epochs, batch_size, seed) as ints."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not all(hasattr(data, a) for a in ("x_train", "y_train")):
+        raise TypeError(f"data must be a DataSplit (with x_train and y_train), got {type(data).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(f"scheduler must be a torch.optim.lr_scheduler.LRScheduler or None, got "
+                        f"{type(scheduler).__name__}")
+    for name, fn in (("after_step", after_step), ("after_epoch", after_epoch)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {progress!r}")
+    if len(data.x_train) != len(data.y_train):
+        raise ValueError(f"data.x_train has {len(data.x_train)} rows but data.y_train has {len(data.y_train)}")
+    return (check_int(epochs, "epochs", low=1), check_int(batch_size, "batch_size", low=1),
+            check_int(seed, "seed", low=0))
 
 
 def train(
@@ -66,10 +128,14 @@ def train(
 ) -> tuple[nn.Module, dict]:
     """Train ``model`` in place on ``data.x_train``/``data.y_train`` with cross-entropy.
 
-    AdamW with a per-step cosine learning-rate decay from ``lr`` to 0. Batches are drawn
-    without replacement from a permutation seeded by ``seed`` on the data's device, then moved
-    to the model's device. Returns ``(model, history)`` with ``history["loss"]`` the mean
-    training loss of each epoch (list of ``epochs`` Python floats). The model is left in
+    AdamW (Loshchilov & Hutter 2019) with a per-step cosine learning-rate decay from ``lr`` to 0
+    (SGDR's schedule without restarts, Loshchilov & Hutter 2017), run by :func:`fit`: batches
+    are drawn without replacement from a permutation seeded by ``seed`` on the data's device,
+    then moved to the model's device.
+
+    model: nn.Module mapping (B, ...) inputs to (B, classes) logits; data: ``x_train`` (N, ...)
+    float, ``y_train`` (N,) int64. Returns ``(model, history)`` with ``history["loss"]`` the
+    mean training loss of each epoch (list of ``epochs`` Python floats). The model is left in
     train mode.
     """
     if not isinstance(model, nn.Module):
@@ -77,40 +143,16 @@ def train(
     if not all(hasattr(data, a) for a in ("x_train", "y_train")):
         raise TypeError(f"data must be a DataSplit (with x_train and y_train), got {type(data).__name__}")
     epochs = check_int(epochs, "epochs", low=1)
-    lr = _check_positive(lr, "lr")
+    lr = check_positive(lr, "lr")
     batch_size = check_int(batch_size, "batch_size", low=1)
-    seed = check_int(seed, "seed", low=0)
-    weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
-    x, y = data.x_train, data.y_train
-    if len(x) != len(y):
-        raise ValueError(f"data.x_train has {len(x)} rows but data.y_train has {len(y)}")
+    weight_decay = check_positive(weight_decay, "weight_decay", allow_zero=True)
 
-    device = _device_of(model)
-    n = len(x)
-    steps_per_epoch = math.ceil(n / batch_size)
     # fused: its square root is the exact vector instruction, the same on every CPU (refimpl.numerics)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-
-    history = {"loss": []}
-    model.train()
-    bar = tqdm(range(epochs), desc="train", unit="epoch", disable=not progress)
-    for _ in bar:
-        perm = torch.randperm(n, generator=gen, device=x.device)
-        total = torch.zeros((), device=device)
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            xb, yb = x[idx].to(device), y[idx].to(device)
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            # Accumulate on device: .item() per step would force a sync on accelerators.
-            total += loss.detach() * len(idx)
-        history["loss"].append(total.item() / n)
-        bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
+    steps = epochs * math.ceil(len(data.x_train) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    history = fit(model, data, opt, scheduler=sched, epochs=epochs, batch_size=batch_size, seed=seed,
+                  progress=progress, desc="train")
     return model, history
 
 
@@ -126,7 +168,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"y must have shape (N,) matching x's first dimension; got x {tuple(x.shape)}, y {tuple(y.shape)}")
+        raise ValueError(f"y must have shape (N,) matching x's first dimension; got x {tuple(x.shape)}, "
+                         f"y {tuple(y.shape)}")
     if len(y) == 0:
         raise ValueError("x and y are empty; accuracy is undefined")
     batch_size = check_int(batch_size, "batch_size", low=1)
@@ -135,7 +178,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        device = _device_of(model)
+        device = device_of(model, default=torch.device("cpu"))
         correct = torch.zeros((), dtype=torch.int64, device=device)
         for i in range(0, len(x), batch_size):
             pred = model(x[i : i + batch_size].to(device)).argmax(dim=1)

@@ -10,19 +10,11 @@ from torch import nn
 
 from refimpl.fold import fold_all_bn
 from refimpl.qat import gradient_check, qat_pipeline, ste_gradients
-from refimpl.qmodel import QuantConfig, calibrate, quantize_model, ste_fake_quant
-from refimpl.quant import QuantSpec, fake_quant, lsq_fake_quant
+from refimpl.qmodel import QuantConfig, calibrate, quantize_model
+from refimpl.quant import QuantSpec, fake_quant, lsq_fake_quant, ste_fake_quant
 from refimpl.train import evaluate, train_fp32
 
 ASYM4 = QuantSpec(4, signed=False, symmetric=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _points(spec, scale, zero_point, n=400, seed=0, margin=0.05):
@@ -139,8 +131,8 @@ def test_ste_gradients_bad_input(call, exc, match):
         call()
 
 
-def test_ste_gradients_match_qmodel_ste_quantizer():
-    # (a) autograd through the project's trainable quantizer in "ste" mode (refimpl.qmodel),
+def test_ste_gradients_match_ste_fake_quant():
+    # (a) autograd through the project's trainable quantizer in "ste" mode (refimpl.quant),
     # one (scale, zero_point) per element; away from the half-step band where qmodel masks on
     # the rounded code (as torch) and the paper's case split on the unrounded value
     spec, s, z = ASYM4, 0.1, 3
@@ -252,6 +244,7 @@ def test_qat_state_dict_round_trip(small_fp, tmp_path):
     (dict(epochs=0), ValueError, "epochs"),
     (dict(epochs=1.5), TypeError, "epochs"),
     (dict(lr=0.0), ValueError, "lr"),
+    (dict(lr="1e-3"), TypeError, "lr"),
     (dict(quant_lr=-1.0), ValueError, "quant_lr"),
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(seed=-1), ValueError, "seed"),

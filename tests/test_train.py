@@ -1,6 +1,7 @@
 """Tests for refimpl.train: accuracy on digits, determinism, evaluate() semantics, argument errors."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -9,17 +10,8 @@ from torch import nn
 
 from refimpl.data import load_digits_split, load_mnist1d_split
 from refimpl.models import make_model
-from refimpl.train import evaluate, train, train_fp32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models are tiny: one thread is nearly as fast as two and does not collapse when
-    # another process holds a core (oversubscribed OpenMP threads slowed training ~10x).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from refimpl._checks import check_positive
+from refimpl.train import evaluate, fit, train, train_fp32
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +91,118 @@ def test_progress_bar_goes_to_stderr_only_when_asked(digits, capsys):
     assert capsys.readouterr().err == ""
     train(model, digits, epochs=1, progress=True)
     assert "train" in capsys.readouterr().err
+
+
+def _reference_loop(model, data, opt, sched, epochs, batch_size, seed):
+    """The training loop written out, independently of fit: the same RNG use and operation order."""
+    x, y = data.x_train, data.y_train
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        total = torch.zeros(())
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += loss.detach() * len(idx)
+        losses.append(total.item() / len(x))
+    return {"loss": losses}
+
+
+@pytest.mark.parametrize("with_scheduler", [True, False])
+def test_fit_equals_the_loop_written_out(digits, with_scheduler):
+    torch.manual_seed(0)
+    init = make_model("digits", width=4)
+    runs = []
+    for loop in (fit, _reference_loop):
+        model = copy.deepcopy(init)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40) if with_scheduler else None
+        if loop is fit:
+            history = fit(model, digits, opt, scheduler=sched, epochs=2, batch_size=100, seed=5, progress=False)
+        else:
+            history = loop(model, digits, opt, sched, 2, 100, 5)
+        runs.append((model, history))
+    (a, ha), (b, hb) = runs
+    assert ha == hb and _state_equal(a, b) and a.training
+
+
+def test_train_is_fit_with_adamw_and_cosine_decay(digits):
+    torch.manual_seed(0)
+    init = make_model("digits", width=4)
+    a, b = copy.deepcopy(init), copy.deepcopy(init)
+    _, ha = train(a, digits, epochs=2, lr=4e-3, batch_size=64, seed=2, weight_decay=1e-3, progress=False)
+    opt = torch.optim.AdamW(b.parameters(), lr=4e-3, weight_decay=1e-3, fused=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2 * math.ceil(len(digits.x_train) / 64))
+    hb = fit(b, digits, opt, scheduler=sched, epochs=2, batch_size=64, seed=2, progress=False)
+    assert ha == hb and _state_equal(a, b)
+
+
+def test_fit_callbacks(digits, capsys):
+    model = make_model("digits", width=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    steps, epochs = [], []
+
+    def after_step():
+        steps.append(torch.is_grad_enabled())
+
+    def after_epoch(epoch, loss):
+        epochs.append((epoch, loss))
+        return {"acc": "12.34"}
+
+    history = fit(model, digits, opt, epochs=2, batch_size=256, seed=0, after_step=after_step,
+                  after_epoch=after_epoch, progress=True, desc="custom")
+    assert steps == [False] * (2 * math.ceil(len(digits.x_train) / 256))   # once per step, under no_grad
+    assert epochs == list(enumerate(history["loss"]))
+    err = capsys.readouterr().err
+    assert "custom" in err and "acc=12.34" in err
+
+
+def test_fit_bad_arguments(digits):
+    model = make_model("digits", width=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    kw = dict(epochs=1, batch_size=64, seed=0, progress=False)
+    with pytest.raises(TypeError, match="optimizer"):
+        fit(model, digits, "adam", **kw)
+    with pytest.raises(TypeError, match="scheduler"):
+        fit(model, digits, opt, scheduler="cosine", **kw)
+    with pytest.raises(TypeError, match="after_step"):
+        fit(model, digits, opt, after_step=1, **kw)
+    with pytest.raises(TypeError, match="after_epoch"):
+        fit(model, digits, opt, after_epoch="print", **kw)
+    with pytest.raises(TypeError, match="progress"):
+        fit(model, digits, opt, **{**kw, "progress": "yes"})
+    with pytest.raises(TypeError, match="epochs"):
+        fit(model, digits, opt, batch_size=64, seed=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(model, digits, opt, **{**kw, "batch_size": 0})
+    with pytest.raises(TypeError, match="model"):
+        fit("net", digits, opt, **kw)
+    with pytest.raises(TypeError, match="data"):
+        fit(model, (digits.x_train, digits.y_train), opt, **kw)
+    short = dataclasses.replace(digits, y_train=digits.y_train[:-1])
+    with pytest.raises(ValueError, match="rows"):
+        fit(model, short, opt, **kw)
+
+
+@pytest.mark.parametrize("value,allow_zero,exc", [
+    (0.0, False, ValueError), (-1, True, ValueError), (float("inf"), False, ValueError),
+    (float("nan"), True, ValueError), ("1", False, TypeError), (True, False, TypeError), (None, False, TypeError),
+])
+def test_check_positive_rejects(value, allow_zero, exc):
+    with pytest.raises(exc, match="lr"):
+        check_positive(value, "lr", allow_zero=allow_zero)
+
+
+def test_check_positive_accepts():
+    assert check_positive(3, "lr") == 3.0 and isinstance(check_positive(3, "lr"), float)
+    assert check_positive(0, "weight_decay", allow_zero=True) == 0.0
 
 
 def test_evaluate_known_accuracy():
@@ -218,16 +322,3 @@ def test_train_fp32_default_arch_is_resnet():
 def test_train_fp32_unknown_arch():
     with pytest.raises(ValueError, match="arch.*'resnet'.*'mobilenetv2'"):
         train_fp32("digits", arch="vgg")
-
-
-def test_mean_std_and_format():
-    import statistics
-
-    from refimpl.experiments import format_mean_std, mean_std
-    vals = [97.1, 98.2, 97.3]
-    m, s = mean_std(vals)
-    assert m == pytest.approx(statistics.mean(vals)) and s == pytest.approx(statistics.stdev(vals))
-    assert mean_std([5]) == (5.0, 0.0)
-    assert format_mean_std(vals) == f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
-    with pytest.raises(ValueError, match="empty"):
-        mean_std([])

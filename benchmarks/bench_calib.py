@@ -1,5 +1,5 @@
-"""Entropy (KL) calibration: refimpl.calib.entropy_threshold against onnxruntime's
-HistogramCollector.get_entropy_threshold on the same 2048-bin histogram.
+"""Entropy (KL) calibration: refimpl.calib.entropy_onnxruntime against onnxruntime's
+HistogramCollector.get_entropy_onnxruntime on the same 2048-bin histogram.
 
 The histogram is onnxruntime's own (HistogramCollector.collect, method "entropy") of 1M
 Laplacian samples. The two are timed in alternation, several rounds, and the minimum of each is
@@ -15,7 +15,7 @@ import time
 import numpy as np
 from onnxruntime.quantization.calibrate import HistogramCollector
 
-from refimpl.calib import entropy_threshold
+from refimpl.calib import entropy_onnxruntime
 
 SAMPLES = 1_000_000
 NUM_BINS = 2048
@@ -39,17 +39,17 @@ def main():
     for _ in range(ROUNDS):
         for _ in range(INNER):
             t0 = time.perf_counter()
-            got = entropy_threshold(hist, edges, NUM_QUANTIZED_BINS)
+            got = entropy_onnxruntime(hist, edges, NUM_QUANTIZED_BINS)
             ours.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        want = collector.get_entropy_threshold(ort_input, NUM_QUANTIZED_BINS)
+        want = collector.get_entropy_onnxruntime(ort_input, NUM_QUANTIZED_BINS)
         theirs.append(time.perf_counter() - t0)
 
     same = got == want
     print(f"histogram: {hist.size} bins of {SAMPLES:,} Laplacian samples, "
           f"{NUM_QUANTIZED_BINS} quantized bins, {hist.size // 2 - NUM_QUANTIZED_BINS // 2 + 1} windows")
-    print(f"refimpl entropy_threshold        : {min(ours) * 1e3:9.2f} ms  (min of {len(ours)})")
-    print(f"onnxruntime get_entropy_threshold: {min(theirs) * 1e3:9.2f} ms  (min of {len(theirs)})")
+    print(f"refimpl entropy_onnxruntime        : {min(ours) * 1e3:9.2f} ms  (min of {len(ours)})")
+    print(f"onnxruntime get_entropy_onnxruntime: {min(theirs) * 1e3:9.2f} ms  (min of {len(theirs)})")
     print(f"threshold refimpl    : ({float(got[0]):.7g}, {float(got[1]):.7g})")
     print(f"threshold onnxruntime: ({float(want[0]):.7g}, {float(want[1]):.7g})")
     print(f"same threshold       : {same}")

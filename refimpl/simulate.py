@@ -26,20 +26,20 @@ from ._api import renamed
 from ._checks import check_choice
 from .calib import range_method_fn
 from .capture import forward_hooks
+from .graph import WEIGHT_LAYERS
 from .metrics import sqnr_db
 from .quant import ROUNDING_MODES, QuantSpec, fake_quant, qparams
 from .train import evaluate
 
-__all__ = ["WEIGHT_LAYER_TYPES", "LayerQuantError", "quantizable_layers", "fake_quantize_weights",
+__all__ = ["LayerQuantError", "quantizable_layers", "fake_quantize_weights",
            "weight_quant_report", "activation_fake_quant", "evaluate_with_activation_ranges"]
 
-WEIGHT_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 # --------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------
-def quantizable_layers(model: nn.Module, types: tuple[type, ...] = WEIGHT_LAYER_TYPES) -> dict[str, nn.Module]:
+def quantizable_layers(model: nn.Module, types: tuple[type, ...] = WEIGHT_LAYERS) -> dict[str, nn.Module]:
     """The model's layers that carry a quantizable weight: {qualified name: module}, in module order.
 
     types: the layer classes to list (Conv1d/2d/3d and Linear by default).

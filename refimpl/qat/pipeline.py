@@ -101,6 +101,7 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
     def after_epoch(epoch, loss):
+        """Test accuracy after each epoch (trainable quantizers), shown on the progress bar."""
         history["test_acc"].append(evaluate(qmodel, data.x_test, data.y_test))
         return {"acc": f"{history['test_acc'][-1]:.2f}"}
 

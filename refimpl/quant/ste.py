@@ -83,6 +83,7 @@ class _AffineSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale):
+        """x_hat of x's shape and dtype; saves x/s, its rounding, the clip masks, s and z."""
         shape = _param_shape(x, axis)
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         s = scale.detach().to(cdt).reshape(shape)
@@ -98,6 +99,7 @@ class _AffineSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        """(dL/dx of x's dtype, dL/ds of scale's shape, dL/dz of zero_point's shape, None x 4)."""
         v, r, below, above, s, z = ctx.saved_tensors
         qmin, qmax, axis, grad_scale, s_shape, z_shape = ctx.meta
         inside, ds, dz = ste_derivatives(v, r, below, above, s, z, qmin, qmax,

@@ -1,4 +1,4 @@
-"""refimpl.adaround: the rectified sigmoid and regulariser against the paper's formulas, the
+"""refimpl.ptq.adaround: the rectified sigmoid and regulariser against the paper's formulas, the
 initialisation, determinism, and reconstruction better than round-to-nearest on every layer of a
 trained digits ResNet at W4."""
 import pytest

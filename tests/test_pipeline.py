@@ -1,4 +1,4 @@
-"""refimpl.pipeline: the standard PTQ pipeline composes the parts as documented, and the
+"""refimpl.ptq.pipeline: the standard PTQ pipeline composes the parts as documented, and the
 debugging flow's accuracies are what switching quantizers by hand gives."""
 import pytest
 import torch

@@ -90,7 +90,7 @@ def plot_channel_ranges(ax, weight: torch.Tensor, axis: int = 0, title: str | No
 def plot_sensitivity(ax, report: Mapping, title: str | None = None):
     """The debugging flow's per-layer picture: accuracy with one quantizer on at a time.
 
-    report: from :func:`refimpl.pipeline.quantization_sensitivity` (keys "fp32", "full",
+    report: from :func:`refimpl.ptq.quantization_sensitivity` (keys "fp32", "full",
     "layers", "sites"). Bars: accuracy (%) with only that layer's weights quantized (blue) or
     only that activation site quantized (orange); dashed lines: FP32 and everything quantized.
     Returns ax.

@@ -34,12 +34,12 @@ from .config import ACT_RANGES, WEIGHT_RANGES, QuantConfig
 from .control import act_quantizers, calibrate, merge_bn, quant_layers, set_quant_state, set_trainable, weight_quantizers
 from .insertion import first_last_bits, input_sites, quantize_model
 from .layers import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
-from .observers import RANGE_METHODS, Observer, tensor_range
+from .observers import KEPT_SAMPLES, Observer, tensor_range
 from .quantizers import (ACT_STATES, ActQuantizer, Quantizer, QuantizerKind, WeightQuantizer, get_kind,
                          quantizer_kinds, register_kind, unregister_kind)
 
 __all__ = [
-    "QuantConfig", "WEIGHT_RANGES", "ACT_RANGES", "Observer", "RANGE_METHODS", "tensor_range",
+    "QuantConfig", "WEIGHT_RANGES", "ACT_RANGES", "Observer", "KEPT_SAMPLES", "tensor_range",
     "QuantizerKind", "register_kind", "unregister_kind", "quantizer_kinds", "get_kind", "Quantizer", "WeightQuantizer",
     "ActQuantizer", "ACT_STATES", "QuantLayer", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear",
     "QUANT_CLASSES", "quantize_model", "input_sites", "first_last_bits", "calibrate", "set_quant_state",

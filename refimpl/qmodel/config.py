@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from .._api import check_renamed
 from .._checks import check_choice, check_int
 from ..quant import QuantSpec
-from .observers import RANGE_METHODS
+from .observers import KEPT_SAMPLES
 from .quantizers import quantizer_kinds
 
 __all__ = ["QuantConfig", "WEIGHT_RANGES", "ACT_RANGES"]
 
 # the range methods offered for weights (set from the weight tensor itself) and activations
 WEIGHT_RANGES = ("minmax", "mse")
-ACT_RANGES = tuple(RANGE_METHODS)
+ACT_RANGES = tuple(KEPT_SAMPLES)
 
 
 @dataclass(frozen=True)

@@ -17,21 +17,18 @@ from .. import calib
 from .._checks import check_choice, check_int
 from ..quant import QuantSpec
 
-__all__ = ["Observer", "RANGE_METHODS", "tensor_range"]
+__all__ = ["Observer", "KEPT_SAMPLES", "tensor_range"]
 
-# values kept per site, as a multiple of ``samples``, for each range method
-RANGE_METHODS = {"minmax": 0, "mse": 1, "percentile": 100}
+# the range methods an Observer supports, and the values it keeps for each, as a multiple of ``samples``
+KEPT_SAMPLES = {"minmax": 0, "mse": 1, "percentile": 100}
 
 
 def tensor_range(x: torch.Tensor, spec: QuantSpec, range_method: str, percentile: float = 99.99):
-    """(xmin, xmax) of tensor x by ``range_method`` ("minmax" | "mse" | "percentile"), per tensor
-    or along spec.axis: ``refimpl.calib.minmax`` / ``mse`` / ``percentile`` (white paper §3.1)."""
-    check_choice(range_method, "range_method", tuple(RANGE_METHODS))
-    if range_method == "minmax":
-        return calib.minmax(x, spec)
-    if range_method == "mse":
-        return calib.mse(x, spec)
-    return calib.percentile(x, spec, percentile)
+    """(xmin, xmax) of tensor x by ``range_method`` (a name in ``refimpl.calib.RANGE_METHODS``),
+    per tensor or along spec.axis (white paper §3.1); "percentile" at the given percentile."""
+    if range_method == "percentile":
+        return calib.percentile(x, spec, percentile)
+    return calib.range_method_fn(range_method)(x, spec)
 
 
 class Observer(nn.Module):
@@ -45,7 +42,7 @@ class Observer(nn.Module):
     def __init__(self, range_method: str = "minmax", percentile: float = 99.99, samples: int = 4096,
                  seed: int = 0):
         super().__init__()
-        self.range_method = check_choice(range_method, "range_method", tuple(RANGE_METHODS))
+        self.range_method = check_choice(range_method, "range_method", tuple(KEPT_SAMPLES))
         self.percentile = float(percentile)
         self.samples = check_int(samples, "samples", 1)
         self.seed = check_int(seed, "seed", 0)
@@ -54,7 +51,7 @@ class Observer(nn.Module):
     @property
     def keep(self) -> int:
         """Values kept for the range method (0 for min-max)."""
-        return self.samples * RANGE_METHODS[self.range_method]
+        return self.samples * KEPT_SAMPLES[self.range_method]
 
     def reset(self) -> None:
         """Forget everything observed."""

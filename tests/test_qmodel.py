@@ -615,6 +615,8 @@ def test_old_spellings_raise_naming_the_new_ones():
         QuantConfig(weight_range="mse")
     with pytest.raises(TypeError, match="'act_range' is now spelled 'act_range_method'"):
         QuantConfig(act_range="mse")
+    with pytest.raises(ValueError, match='"none" is now spelled "fixed"'):
+        set_trainable(quantize_model(_resnet(), QuantConfig(act_bits=None)), "none")
 
 
 def test_observer_returns_its_input_and_its_range_is_the_calib_function():

@@ -107,7 +107,8 @@ def set_trainable(qmodel: nn.Module, mode: str, weights: bool = True, acts: bool
     call ``set_trainable(qmodel, "fixed")`` before saving.
     """
     _check_qmodel(qmodel)
-    mode = "fixed" if mode == "none" else mode   # TRANSITIONAL: removed once refimpl.qat says "fixed"
+    if mode == "none":
+        raise ValueError('mode "none" is now spelled "fixed" (the quantizer kind of a fixed grid)')
     check_choice(mode, "mode", quantizer_kinds())
     qs = (list(weight_quantizers(qmodel).values()) if weights else []) + \
          (list(act_quantizers(qmodel).values()) if acts else [])

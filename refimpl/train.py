@@ -12,9 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from refimpl._checks import check_choice, check_int, check_positive
+from refimpl._progress import progress_bar
 from refimpl.data import DataSplit, load_dataset
 from refimpl.graph import device_of
 from refimpl.models import make_model
@@ -69,7 +69,7 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, *, scheduler=N
     gen = torch.Generator(device=x.device).manual_seed(seed)
     history = {"loss": []}
     model.train()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
+    bar = progress_bar(range(epochs), progress, desc=desc, unit="epoch")
     for epoch in bar:
         perm = torch.randperm(n, generator=gen, device=x.device)
         total = torch.zeros((), device=device)

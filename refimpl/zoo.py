@@ -49,9 +49,10 @@ def cache_key(dataset_name: str, arch: str, seed: int) -> str:
     return h.hexdigest()[:24]
 
 
-def pretrained(dataset_name: str, arch: str = "resnet", seed: int = 0, progress: bool = False):
+def pretrained(dataset_name: str, arch: str = "resnet", seed: int = 0, progress: bool = True):
     """``(model, data)`` as ``train_fp32(dataset_name, seed, arch=arch)`` gives, from the cache
-    when present. model: eval mode, CPU; data: :class:`refimpl.data.DataSplit`."""
+    when present (``progress``: show the training when it runs). model: eval mode, CPU; data:
+    :class:`refimpl.data.DataSplit`."""
     check_choice(dataset_name, "dataset_name", tuple(_data.DATASETS))
     check_choice(arch, "arch", tuple(dict.fromkeys(a for _, a in _train.TRAIN_DEFAULTS)))
     seed = check_int(seed, "seed", low=0)

@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "refimpl"
 # a package's entry covers its files unless one of them is listed on its own.
 RANK = {
     # 0: configuration and argument checks, no torch at import
-    "_checks": 0, "_api": 0, "numerics": 0,
+    "_checks": 0, "_api": 0, "_progress": 0, "numerics": 0,
     # 1: pure tensor math, no state
     "quant": 1, "calib": 1, "metrics": 1, "neon": 1,
     # 2: modules holding learnable or observed state, and the model's structure

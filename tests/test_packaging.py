@@ -1,5 +1,6 @@
 """The repository's promises about set-up: environment.yml and pyproject.toml agree, torch is pinned."""
 
+import os
 import re
 import subprocess
 import sys
@@ -78,3 +79,13 @@ def test_make_test_runs_the_docstring_examples():
     assert "--doctest-modules refimpl" in recipe
     examples = [p for p in (ROOT / "refimpl").rglob("*.py") if ">>> " in p.read_text()]
     assert examples, "no docstring example to run"
+
+
+def test_progress_bars_obey_tqdm_disable():
+    code = ("import io, sys; from refimpl._progress import progress_bar; err = io.StringIO(); "
+            "[None for _ in progress_bar(range(3), True, file=err)]; "
+            "[None for _ in progress_bar(range(3), False, file=sys.stdout)]; print(len(err.getvalue()))")
+    for env, shown in (({"TQDM_DISABLE": "1"}, False), ({"TQDM_DISABLE": ""}, True)):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env})
+        assert (int(out.stdout.strip()) > 0) == shown, (env, out.stdout)

@@ -39,9 +39,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .._checks import check_float_tensor, check_int
+from .._progress import progress_bar
 from ..capture import capture_activations
 from ..graph import fused_relu, nodes_of
 from ..qmodel import quant_layers
@@ -200,7 +200,7 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, x_calib: torch.Tensor, iter
     try:
         # the FP32 model never changes: every layer's output in one pass
         fp_outputs = capture_activations(fp_model, x_calib, names, batch_size=cap_bs)
-        bar = tqdm(names, desc="adaround", unit="layer", disable=not progress)
+        bar = progress_bar(names, progress, desc="adaround", unit="layer")
         for name in bar:
             t0 = time.perf_counter()
             layer = layers[name]

@@ -17,10 +17,10 @@ import math
 import torch
 import torch.fx
 from torch import nn
-from tqdm import tqdm
 
 from .._api import renamed
 from .._checks import check_choice, check_int
+from .._progress import progress_bar
 from ..capture import forward_hooks, run_batches
 from ..graph import activation_kind, in_channels, is_weight_layer, nodes_of, trace
 from ..qmodel import ActQuantizer
@@ -227,7 +227,7 @@ def bias_correction_empirical(qmodel: nn.Module, fp_model: nn.Module, x: torch.T
             fp_model.train(fp_was)
     corrections = {}
     with torch.no_grad():
-        for name in tqdm(order, desc="bias correction", unit="layer", disable=not progress):
+        for name in progress_bar(order, progress, desc="bias correction", unit="layer"):
             layer = qlayers[name]
             if reference == "fp_model":
                 err = _output_means(out, [name], x, batch_size)[name] - fp_means[name]

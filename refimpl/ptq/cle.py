@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .._api import renamed
 from .._checks import check_choice, check_int
+from .._progress import progress_bar
 from ..fold import fold_all_bn
 from ..graph import activation_kind, chains, layer_pairs, out_channels
 from ..numerics import sqrt
@@ -190,7 +190,7 @@ def cross_layer_equalization(model: nn.Module, iterations: int = 100, tol: float
                                                     device=l1.weight.device)
     report.converged = not mods
     with torch.no_grad():
-        for it in tqdm(range(iterations), desc="CLE", unit="sweep", disable=not progress):
+        for it in progress_bar(range(iterations), progress, desc="CLE", unit="sweep"):
             worst = 0.0
             for (a, _), (l1, l2) in zip(ordered, mods):
                 r1 = weight_ranges(l1, "out").double()

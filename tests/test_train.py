@@ -85,12 +85,16 @@ def test_mnist1d_end_to_end_small():
     assert 0.0 <= evaluate(model, data.x_test, data.y_test) <= 100.0
 
 
-def test_progress_bar_goes_to_stderr_only_when_asked(digits, capsys):
+def test_progress_bar_goes_to_stderr_only_when_asked(digits, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)     # make sets it for every check
     model = make_model("digits", width=4)
     train(model, digits, epochs=1, progress=False)
     assert capsys.readouterr().err == ""
     train(model, digits, epochs=1, progress=True)
     assert "train" in capsys.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    train(model, digits, epochs=1, progress=True)
+    assert capsys.readouterr().err == ""
 
 
 def _reference_loop(model, data, opt, sched, epochs, batch_size, seed):
@@ -144,7 +148,8 @@ def test_train_is_fit_with_adamw_and_cosine_decay(digits):
     assert ha == hb and _state_equal(a, b)
 
 
-def test_fit_callbacks(digits, capsys):
+def test_fit_callbacks(digits, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)     # make sets it for every check
     model = make_model("digits", width=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     steps, epochs = [], []

@@ -171,7 +171,7 @@ class Quantizer(nn.Module):
     where the kind learns them (same names, so state_dicts match). ``kind``: the kind's name.
     """
 
-    def __init__(self, spec: QuantSpec, fixed_zero_point: bool, kind: str = "fixed", device=None):
+    def __init__(self, spec: QuantSpec, fixed_zero_point: bool, *, kind: str = "fixed", device=None):
         super().__init__()
         self.spec = spec
         self.fixed_zero_point = fixed_zero_point
@@ -249,7 +249,7 @@ class WeightQuantizer(Quantizer):
     Input/output: the weight tensor (any float dtype), same shape.
     """
 
-    def __init__(self, spec: QuantSpec, range_method: str = "minmax", kind: str = "fixed", device=None):
+    def __init__(self, spec: QuantSpec, range_method: str = "minmax", *, kind: str = "fixed", device=None):
         super().__init__(spec, fixed_zero_point=spec.symmetric, kind=kind, device=device)
         self.range_method = check_choice(range_method, "range_method", ("minmax", "mse"))
         self.register_buffer("enabled_flag", torch.tensor(True, device=device))
@@ -333,7 +333,7 @@ class ActQuantizer(Quantizer):
     """
 
     def __init__(self, spec: QuantSpec, site: str, range_method: str = "minmax", percentile: float = 99.99,
-                 samples: int = 4096, seed: int = 0, fixed_zero_point: bool = False, kind: str = "fixed",
+                 samples: int = 4096, seed: int = 0, fixed_zero_point: bool = False, *, kind: str = "fixed",
                  device=None):
         super().__init__(spec, fixed_zero_point=fixed_zero_point or spec.symmetric, kind=kind, device=device)
         self.site = site

@@ -51,4 +51,9 @@ def test_agreement_goal_on_unmarked_pairs(record):
     for r in rows:
         if r["variant"] == "post-index":
             assert r["core"] == "cortex-a55" and "artefact" in r["marked"]
-    assert all(isinstance(v, str) and len(v) > 40 for v in MARKED.values())
+    assert all(isinstance(v, tuple) and v and all(isinstance(x, str) and len(x) > 40 for x in v)
+               for v in MARKED.values())
+    # one string per distinct reason: none contains another, and rows join theirs
+    distinct = {x for v in MARKED.values() for x in v}
+    assert not any(a != b and a in b for a in distinct for b in distinct)
+    assert all(r["marked"] == "; ".join(r["reasons"]) for r in rows)

@@ -12,7 +12,7 @@ import statistics
 
 from .timing import llvm_mca_steady_state, steady_state_cycles
 
-__all__ = ["LOOPS", "MARKED", "COMPARED_CORES", "without_post_index", "compare_with_llvm_mca",
+__all__ = ["LOOPS", "MARKED", "reasons", "COMPARED_CORES", "without_post_index", "compare_with_llvm_mca",
            "GEMM_CONFIGS", "gemm_loops", "compare_recorded", "agreement_summary",
            "format_rows"]
 
@@ -170,41 +170,54 @@ b.ne loop
 
 COMPARED_CORES = ("cortex-a55", "cortex-a72", "cortex-a76")
 
-# (kernel, core) -> reason the pair is excluded from the accuracy goal: which published figure
-# our model follows where llvm-mca's model differs (each checked on llvm-mca's timeline view).
+# (kernel, core) -> the reasons the pair is excluded from the accuracy goal: which published
+# figure our model follows where llvm-mca's model differs (each checked on llvm-mca's timeline
+# view). One string per distinct reason, so that a table can list each reason once.
 _A55_ACC = ("follows the A55 SWOG multiply-accumulate figure 4(1) (accumulator forwarded after 1 "
             "cycle, as in Arm's SLOTHY A55 model); LLVM's A55 model has no accumulate forwarding "
             "(every dependent SMLAL/MLA waits the full 4 cycles)")
-_A55_INORDER = ("llvm-mca's in-order A55 model holds a short-latency instruction (SUBS, B.NE) until "
+_A55_INORDER = ("llvm-mca's in-order A55 model holds a short-latency instruction (`SUBS`, `B.NE`) until "
                 "the preceding 4-cycle NEON instructions complete (in-order completion) and gives "
-                "SUBS a 3-cycle latency to the branch; we follow the SWOG's fixed-depth pipeline "
+                "`SUBS` a 3-cycle latency to the branch; we follow the SWOG's fixed-depth pipeline "
                 "(ALU result forwarded after 1 cycle, no writeback-order stall)")
+_A55_LD1_D = ("LLVM gives a D-form LD1 latency 4 where we use the A55 guide's 3-cycle load-to-use "
+              "(removing our accumulate forwarding leaves the pair unchanged)")
 _N1_ACC = ("follows the A76/N1 SWOG accumulate figures (MLA Q-form 5(2), SMLAL 4(1)); LLVM's "
            "Neoverse N1 model has no accumulate forwarding")
-MARKED: dict[tuple[str, str], str] = {
-    ("micro_mla_chain", "cortex-a55"): _A55_ACC,
-    ("int7_smlal", "cortex-a55"): _A55_ACC,
-    ("dsq_mla_int8", "cortex-a55"): _A55_ACC,
-    ("micro_ld_d_smlal", "cortex-a55"):
-        _A55_INORDER + "; and LLVM gives a D-form LD1 latency 4 where we use the guide's 3-cycle "
-        "load-to-use (removing our accumulate forwarding leaves this pair unchanged)",
-    ("micro_smlal_indep", "cortex-a55"): _A55_INORDER,
-    ("micro_mla_chain", "cortex-a76"): _N1_ACC,
-    ("micro_ld_d_smlal", "cortex-a76"): _N1_ACC,
-    ("dsq_mla_int8", "cortex-a76"):
-        "LLVM's Neoverse N1 model has no row for MLA .16b (MLAv16i8 falls to the 2-cycle "
-        "any-V-pipe default); we use the guide's Q-form multiply-accumulate row, 5(2) at "
-        "1/2 per cycle on V0",
+_N1_MLA16B = ("LLVM's Neoverse N1 model has no row for MLA .16b (MLAv16i8 falls to the 2-cycle "
+              "any-V-pipe default); we use the guide's Q-form multiply-accumulate row, 5(2) at "
+              "1/2 per cycle on V0")
+_ARTEFACT = "llvm-mca A55 artefact: its model serialises the base writeback of post-indexed loads"
+MARKED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("micro_mla_chain", "cortex-a55"): (_A55_ACC,),
+    ("int7_smlal", "cortex-a55"): (_A55_ACC,),
+    ("dsq_mla_int8", "cortex-a55"): (_A55_ACC,),
+    ("micro_ld_d_smlal", "cortex-a55"): (_A55_INORDER, _A55_LD1_D),
+    ("micro_smlal_indep", "cortex-a55"): (_A55_INORDER,),
+    ("micro_mla_chain", "cortex-a76"): (_N1_ACC,),
+    ("micro_ld_d_smlal", "cortex-a76"): (_N1_ACC,),
+    ("dsq_mla_int8", "cortex-a76"): (_N1_MLA16B,),
     ("sdot_tile", "cortex-a72"):
-        "not applicable: Cortex-A72 is ARMv8.0-A without SDOT (our model raises ValueError; "
-        "llvm-mca's A57 model times it only because -mattr=+dotprod is forced)",
+        ("not applicable: Cortex-A72 is ARMv8.0-A without SDOT (our model raises ValueError; "
+         "llvm-mca's A57 model times it only because -mattr=+dotprod is forced)",),
 }
 
 # the K loops of the generated GEMM kernels (refimpl.neon.kernels), named by gemm_loops()
 _MLA_LOWBIT = ("gemm:mla-lowbit:2b", "gemm:mla-lowbit:3b", "gemm:mla-lowbit:4b")
-MARKED.update({("gemm:int7", "cortex-a55"): _A55_ACC})
-MARKED.update({(name, "cortex-a55"): _A55_ACC for name in _MLA_LOWBIT})
-MARKED.update({(name, "cortex-a76"): MARKED["dsq_mla_int8", "cortex-a76"] for name in _MLA_LOWBIT})
+MARKED.update({("gemm:int7", "cortex-a55"): (_A55_ACC,)})
+MARKED.update({(name, "cortex-a55"): (_A55_ACC,) for name in _MLA_LOWBIT})
+MARKED.update({(name, "cortex-a76"): (_N1_MLA16B,) for name in _MLA_LOWBIT})
+
+
+def reasons(kernel: str, core: str, variant: str) -> tuple[str, ...]:
+    """Why a (loop, core, variant) pair is excluded from the accuracy goal: the llvm-mca A55
+    writeback artefact for the "post-index" variant, then the pair's :data:`MARKED` reasons;
+    () for a pair both models time by the same figures. A kernel's second loop (``name#1``)
+    shares the first one's reasons."""
+    name = kernel.split(":", 1)[1] if kernel.startswith("loop:") else kernel
+    name = name.split("#")[0]
+    return ((_ARTEFACT,) if variant == "post-index" else ()) + MARKED.get((name, core), ())
+
 
 GEMM_CONFIGS = (("smlal", 8), ("sdot", 8), ("int7", 7), ("mla-lowbit", 2), ("mla-lowbit", 3),
                 ("mla-lowbit", 4))
@@ -249,32 +262,28 @@ def compare_with_llvm_mca(kernels: dict[str, str] | None = None,
     iteration from our model and from llvm-mca-19 on the same text. On cortex-a55 each kernel
     is compared in offset-addressing form ("offset+add", see :func:`without_post_index`) and
     additionally reported as written ("post-index", marked as the llvm-mca A55 writeback
-    artefact). ``rel_err`` = (ours - mca) / mca; ``marked`` is the reason string or "".
+    artefact). ``rel_err`` = (ours - mca) / mca; ``reasons``: :func:`reasons` of the pair;
+    ``marked``: those joined by "; ", or "".
     Raises FileNotFoundError when llvm-mca-19 is absent."""
     kernels = LOOPS if kernels is None else kernels
     rows = []
     for name, body in kernels.items():
         for core in cores:
-            variants = [("as written", body, "")]
+            variants = [("as written", body)]
             if core == "cortex-a55" and body != without_post_index(body):
-                variants = [("offset+add", without_post_index(body), ""),
-                            ("post-index", body,
-                             "llvm-mca A55 artefact: its model serialises the base writeback "
-                             "of post-indexed loads")]
-            for variant, text, artefact in variants:
-                reason = "; ".join(x for x in (artefact, MARKED.get((name, core), "")) if x)
+                variants = [("offset+add", without_post_index(body)), ("post-index", body)]
+            for variant, text in variants:
+                why = reasons(name, core, variant)
                 try:
                     ours = steady_state_cycles(text, core)
                 except ValueError as e:
-                    ours, reason = None, reason or str(e)
+                    ours, why = None, why or (str(e),)
                 mca = llvm_mca_steady_state(text, core)
                 err = None if ours is None else (ours - mca) / mca
                 rows.append({"kernel": name, "core": core, "variant": variant, "ours": ours,
-                             "mca": mca, "rel_err": err, "marked": reason})
+                             "mca": mca, "rel_err": err, "reasons": why, "marked": "; ".join(why)})
     return rows
 
-
-_ARTEFACT = "llvm-mca A55 artefact: its model serialises the base writeback of post-indexed loads"
 
 
 def compare_recorded(record: dict) -> list[dict]:
@@ -284,14 +293,11 @@ def compare_recorded(record: dict) -> list[dict]:
     Loop names are those of :data:`LOOPS` prefixed ``loop:``, or of :func:`gemm_loops`."""
     rows = []
     for r in record["rows"]:
-        name = r["loop"].split(":", 1)[1] if r["loop"].startswith("loop:") else r["loop"]
-        name = name.split("#")[0]      # a kernel's second loop shares the first one's marks
-        reason = "; ".join(x for x in (_ARTEFACT if r["variant"] == "post-index" else "",
-                                        MARKED.get((name, r["core"]), "")) if x)
+        why = reasons(r["loop"], r["core"], r["variant"])
         ours = steady_state_cycles(r["text"], r["core"])
         rows.append({"kernel": r["loop"], "core": r["core"], "variant": r["variant"],
                      "ours": ours, "mca": r["mca"], "rel_err": (ours - r["mca"]) / r["mca"],
-                     "marked": reason})
+                     "reasons": why, "marked": "; ".join(why)})
     return rows
 
 

@@ -633,3 +633,19 @@ def test_observer_returns_its_input_and_its_range_is_the_calib_function():
     obs.reset()
     with pytest.raises(RuntimeError, match="no data"):
         obs.range(spec)
+
+
+def test_kinds_declare_whether_they_need_a_range_and_follow_new_qparams():
+    spec = QuantSpec(4, signed=True, symmetric=False)
+    x = _x((4, 8))
+    for kind, needs in (("fixed", True), ("ste", False), ("lsq", False)):
+        aq = ActQuantizer(spec, "s", kind=kind)
+        if needs:
+            with pytest.raises(RuntimeError, match="calibrate"):
+                aq(x)
+        else:
+            assert aq(x).shape == x.shape      # a learned kind may start from the default scale
+    aq = ActQuantizer(spec, "s", kind="lsq")
+    assert aq.use_lsq                           # zero point 0: LSQ proper
+    aq.set_qparams(torch.tensor(0.1), torch.tensor(3.0))
+    assert not aq.use_lsq                       # update() follows the new zero point

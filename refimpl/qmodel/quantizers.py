@@ -49,8 +49,11 @@ class QuantizerKind:
     * ``name``: the registry name;
     * ``learnable(q)``: the names of ``q``'s tensors that are trained (nn.Parameters), among
       ``scale``, ``zero_point`` and the ones ``init`` creates; () for a fixed quantizer;
-    * ``init(q)``: called when ``q`` switches to this kind and whenever its (scale, zero_point)
-      are set (calibration, loading): derive or create the kind's own state from them;
+    * ``requires_range``: True when the kind cannot quantize before a range was set (calibration);
+      a learned kind may start from the default scale;
+    * ``init(q)``: called when ``q`` switches to this kind: derive or create the kind's own state
+      from the current (scale, zero_point) (by default: ``update(q)``);
+    * ``update(q)``: called whenever (scale, zero_point) are set later (calibration, loading);
     * ``forward(q, x, elements)``: the fake-quantized x (x's shape and dtype); ``elements`` is
       the number of values that share one scale (LSQ's gradient scale);
     * ``export(q)``: the affine grid a runtime executes, {"scale", "zero_point"} (the default),
@@ -58,11 +61,15 @@ class QuantizerKind:
     """
 
     name = ""
+    requires_range = True
 
     def learnable(self, q: "Quantizer") -> tuple[str, ...]:
         return ()
 
     def init(self, q: "Quantizer") -> None:
+        self.update(q)
+
+    def update(self, q: "Quantizer") -> None:
         pass
 
     def forward(self, q: "Quantizer", x: torch.Tensor, elements: int) -> torch.Tensor:
@@ -115,6 +122,8 @@ class Fixed(QuantizerKind):
     name = "fixed"
 
     def init(self, q):
+        # freezing: a grid another kind learned becomes a deployable one (positive scale, integer
+        # zero point); qparams set later (calibration) are taken as given
         with torch.no_grad():
             q.scale.clamp_(min=torch.finfo(torch.float32).eps)
             q.zero_point.copy_(torch.round(q.zero_point).clamp(q.spec.qmin, q.spec.qmax))
@@ -128,6 +137,7 @@ class STE(QuantizerKind):
     """Learned scale and zero point, straight-through gradients (white paper §4.1)."""
 
     name = "ste"
+    requires_range = False
 
     def learnable(self, q):
         learn_zp = not q.spec.symmetric and not q.fixed_zero_point
@@ -142,11 +152,12 @@ class LSQ(QuantizerKind):
     """Learned step size (Esser et al. 2020, eq. 3; gradient scale 1/sqrt(N Q_P), §2.2)."""
 
     name = "lsq"
+    requires_range = False
 
     def learnable(self, q):
         return ("scale",)
 
-    def init(self, q):
+    def update(self, q):
         # LSQ proper (refimpl.quant.lsq_fake_quant) has no zero point: used when it is 0
         q.use_lsq = bool((q.zero_point == 0).all())
 
@@ -195,8 +206,7 @@ class Quantizer(nn.Module):
                     cur.data = v.clone()
                 else:
                     setattr(self, name, v.clone())
-        if self.kind != "fixed":     # a fixed grid is rounded when it is frozen, not when set
-            self.kind_impl.init(self)
+        self.kind_impl.update(self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # per-channel shapes are only known once computed: adopt the checkpoint's shapes
@@ -210,8 +220,7 @@ class Quantizer(nn.Module):
                 else:
                     setattr(self, name, empty)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.kind != "fixed":
-            self.kind_impl.init(self)
+        self.kind_impl.update(self)
 
     def set_kind(self, kind: str) -> None:
         """Switch to a registered kind (``quantizer_kinds()``): its learnable tensors become
@@ -373,7 +382,7 @@ class ActQuantizer(Quantizer):
             return x
         if state == "observe":
             return self.observer(x)
-        if self.kind == "fixed" and not bool(self.calibrated):
+        if self.kind_impl.requires_range and not bool(self.calibrated):
             raise RuntimeError(f"activation quantizer {self.site!r} has no range yet: call "
                                "refimpl.qmodel.calibrate(qmodel, x) first (or set_quant_state(acts=False))")
         return self.fake_quant(x, x[0].numel() if x.ndim > 1 else x.numel())

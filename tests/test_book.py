@@ -131,3 +131,46 @@ def test_mean_std_and_format():
     assert format_mean_std(vals) == f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
     with pytest.raises(ValueError, match="empty"):
         mean_std([])
+
+
+def test_check_figure_flags_small_text_and_a_legend_over_data():
+    from refimpl.book.plots import check_figure
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1], label="diagonal")
+    ax.set_xlabel("x (units)")
+    check_figure(fig)                                     # no legend, 10 pt text: fine
+    ax.legend(loc="center")                               # sits on the diagonal
+    with pytest.raises(ValueError, match="covers the line 'diagonal'"):
+        check_figure(fig)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0))   # above the axes
+    check_figure(fig)
+    ax.set_ylabel("tiny", fontsize=6)
+    with pytest.raises(ValueError, match="'tiny' is 6 pt"):
+        check_figure(fig)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.bar([0, 1, 2], [5, 5, 5], label="bars")
+    ax.set_ylim(0, 10)
+    ax.legend(loc="upper right")                          # above the bars: fine
+    check_figure(fig)
+    ax.legend(loc="lower left")                           # on the bars
+    with pytest.raises(ValueError, match="covers the patch"):
+        check_figure(fig)
+    plt.close(fig)
+    with pytest.raises(TypeError, match="fig must be a matplotlib Figure"):
+        check_figure(ax)
+
+
+def test_check_claims():
+    from refimpl.book.tables import check_claims
+
+    gains = [0.5, 1.2, -0.18]
+    assert check_claims({"some layer gains": any(g > 0 for g in gains)}) == 1
+    with pytest.raises(AssertionError, match="raises every layer"):
+        check_claims({"per-channel raises every layer's SQNR": all(g > 0 for g in gains),
+                      "some layer gains": any(g > 0 for g in gains)})
+    with pytest.raises(TypeError, match="must map to a bool"):
+        check_claims({"a number is not a truth value": 1.0})
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        check_claims({})

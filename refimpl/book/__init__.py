@@ -38,9 +38,11 @@ def setup(seed: int = 0) -> None:
     import matplotlib
 
     matplotlib.rcParams.update({
-        "figure.figsize": (7.0, 3.6), "figure.dpi": 100, "savefig.dpi": 100,
+        # 200 dpi: twice the pixels of the size a figure is shown at, crisp on high-DPI screens
+        "figure.figsize": (7.0, 3.6), "figure.dpi": 200, "savefig.dpi": 200,
         "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
-        "font.size": 10,
+        "font.size": 10, "legend.fontsize": 9, "axes.titlesize": 10, "xtick.labelsize": 9,
+        "ytick.labelsize": 9,
     })
     try:
         import sklearn

@@ -5,6 +5,8 @@
 * ``plot_channel_ranges`` — the [min, max] range of a weight tensor per output channel, against the
   single range a per-tensor quantizer would use (chapters 2 and 5).
 * ``plot_sensitivity`` — the debugging flow's per-layer accuracies (chapter 5).
+* ``check_figure`` and ``glue_figure`` — the house style every chapter's figure is held to (text at
+  least 8 pt, no legend over data), checked before the figure is glued into the book.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import torch
 
 from .._checks import check_float_tensor, check_int, normalize_axis
 
-__all__ = ["plot_grid_over_histogram", "plot_channel_ranges", "plot_sensitivity"]
+__all__ = ["plot_grid_over_histogram", "plot_channel_ranges", "plot_sensitivity", "check_figure",
+           "glue_figure", "MIN_FONT_PT"]
+
+#: The smallest text a figure may carry, in points (tick labels, legends, annotations).
+MIN_FONT_PT = 8.0
 
 
 def _to_numpy(t, name: str) -> np.ndarray:
@@ -106,10 +112,90 @@ def plot_sensitivity(ax, report: Mapping, title: str | None = None):
     ax.bar(x + 0.2, a, 0.4, label="only this activation site", color="C1")
     ax.axhline(report["fp32"], color="k", linestyle="--", linewidth=1, label="FP32")
     ax.axhline(report["full"], color="C3", linestyle=":", linewidth=1.2, label="all quantized")
-    ax.set_xticks(x, names, rotation=90, fontsize=7)
+    ax.set_xticks(x, names, rotation=90, fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     lo = min(v for v in w + a + [report["full"]] if not np.isnan(v))
     ax.set_ylim(max(0.0, lo - 5), 100.5)
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+def _data_paths(ax):
+    """The display-space paths of what ``ax`` plots: lines, patches (bars), collections."""
+    for line in ax.get_lines():
+        if line.get_visible() and len(line.get_xydata()):
+            yield "line", line.get_label(), line.get_transform().transform_path(line.get_path())
+    for patch in ax.patches:
+        if patch.get_visible():
+            yield "patch", patch.get_label(), patch.get_transform().transform_path(patch.get_path())
+    for coll in ax.collections:
+        if not coll.get_visible():
+            continue
+        offsets = coll.get_offsets()
+        if len(offsets) and coll.get_offset_transform() is not None and len(coll.get_paths()) <= 1:
+            pts = coll.get_offset_transform().transform(offsets)     # scatter: one marker, many offsets
+            yield "points", coll.get_label(), pts
+        else:
+            for path in coll.get_paths():
+                yield "collection", coll.get_label(), coll.get_transform().transform_path(path)
+
+
+def check_figure(fig) -> None:
+    """Raise ``ValueError`` if ``fig`` breaks the book's figure style; return None if it keeps it.
+
+    The style (README, "House style of a chapter"): every visible text (tick labels, axis labels,
+    titles, legends, annotations) is at least :data:`MIN_FONT_PT` points, and no legend drawn
+    inside an axes covers a plotted line, bar, point or filled area of that axes (a legend placed
+    outside the axes, e.g. above it, is never in the way). fig: a matplotlib Figure; it is drawn
+    once so that tick labels and legend positions are final. Used by :func:`glue_figure`, hence by
+    every figure of the book.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    if not isinstance(fig, Figure):
+        raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
+    fig.canvas.draw()
+    problems = []
+    for text in fig.findobj(Text):
+        if text.get_visible() and text.get_text().strip() and text.get_fontsize() < MIN_FONT_PT:
+            problems.append(f"text {text.get_text()[:40]!r} is {text.get_fontsize():g} pt "
+                            f"(at least {MIN_FONT_PT:g})")
+    renderer = fig.canvas.get_renderer()
+    for i, ax in enumerate(fig.axes):
+        legend = ax.get_legend()
+        if legend is None or not legend.get_visible():
+            continue
+        box = legend.get_window_extent(renderer)
+        if not box.overlaps(ax.get_window_extent(renderer)):
+            continue
+        for kind, label, geom in _data_paths(ax):
+            if kind == "points":
+                hit = bool(((geom[:, 0] >= box.x0) & (geom[:, 0] <= box.x1)
+                            & (geom[:, 1] >= box.y0) & (geom[:, 1] <= box.y1)).any())
+            else:
+                hit = geom.intersects_bbox(box, filled=(kind != "line"))
+            if hit:
+                problems.append(f"the legend of axes {i} ({ax.get_title() or ax.get_ylabel()!s}) "
+                                f"covers the {kind} {label!r}")
+                break
+    if problems:
+        raise ValueError("figure breaks the book's style: " + "; ".join(problems))
+
+
+def glue_figure(name: str, fig) -> None:
+    """Check ``fig`` (:func:`check_figure`), glue it under ``name`` for a ``{glue:figure}``, close it.
+
+    The one way a chapter hands a figure to the book: the figure is shown where the prose places
+    it, numbered and captioned, never as a stray cell output. name: the glue key, by convention
+    the figure's label ("ch5-fig-cle"). Needs myst-nb (the ``book`` extra).
+    """
+    import matplotlib.pyplot as plt
+    from myst_nb import glue
+
+    if not isinstance(name, str) or not name:
+        raise ValueError("name must be a non-empty string (the glue key)")
+    check_figure(fig)
+    glue(name, fig, display=False)
+    plt.close(fig)

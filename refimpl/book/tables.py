@@ -3,6 +3,8 @@
 * ``markdown_table`` — a Markdown table string for ``IPython.display.Markdown`` (every chapter).
 * ``mean_std``, ``format_mean_std`` — mean and sample standard deviation of results over seeds
   (chapters 5 and 6).
+* ``check_claims`` — the prose's statements about a table, each computed from the table itself,
+  so that a chapter whose numbers change under a statement fails on re-execution (every chapter).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 
 from .._checks import check_int
 
-__all__ = ["markdown_table", "mean_std", "format_mean_std"]
+__all__ = ["markdown_table", "mean_std", "format_mean_std", "check_claims"]
 
 
 def _cell(value) -> str:
@@ -68,3 +70,32 @@ def format_mean_std(values, digits: int = 1) -> str:
     digits = check_int(digits, "digits", 0, 6)
     mean, std = mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def check_claims(claims) -> int:
+    """Raise ``AssertionError`` naming every statement of the prose that its table contradicts.
+
+    claims: a mapping {statement, as the prose words it: truth value computed from the table's own
+    numbers}, e.g. ``{"per-channel raises the SQNR of every layer at 4 bits": all(g > 0 for g in
+    gains4)}``. A chapter calls this right after the table its prose describes; prose numbers come
+    from ``glue``, and this covers the words between them ("every", "worse than", "never").
+    Executing the chapter afresh (``make test``) then fails where a change of numbers made a
+    sentence false, instead of leaving a page that contradicts its own table.
+    Returns the number of statements checked.
+    """
+    from collections.abc import Mapping
+
+    if not isinstance(claims, Mapping) or not claims:
+        raise ValueError("claims must be a non-empty mapping {statement: bool}")
+    wrong = []
+    for statement, holds in claims.items():
+        if not isinstance(statement, str) or not statement.strip():
+            raise ValueError(f"each claim's key must be the statement as a non-empty string, got {statement!r}")
+        if not isinstance(holds, (bool, np.bool_)):
+            raise TypeError(f"claim {statement!r} must map to a bool computed from the table, "
+                            f"got {type(holds).__name__}")
+        if not holds:
+            wrong.append(statement)
+    if wrong:
+        raise AssertionError("the table no longer supports what the prose says: " + "; ".join(wrong))
+    return len(claims)

@@ -59,7 +59,9 @@ def test_check_notebooks_flags_unexecuted_stderr_and_wrong_kernel(tmp_path):
 
     ok_cell = nbformat.v4.new_code_cell("1", execution_count=1,
                                         outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "1"}, execution_count=1)])
-    good = write("good.ipynb", [ok_cell])
+    setup_cell = nbformat.v4.new_code_cell("1", execution_count=1, metadata={"tags": ["hide-input"]})
+    ending = nbformat.v4.new_markdown_cell("# T\n\n## Summary\n\n- it ran\n\n## Exercises\n\n1. run it")
+    good = write("good.ipynb", [setup_cell, ok_cell, ending])
     stripped = write("stripped.ipynb", [nbformat.v4.new_code_cell("1")])
     stderr = write("stderr.ipynb", [nbformat.v4.new_code_cell("1", execution_count=1, outputs=[
         nbformat.v4.new_output("stream", name="stderr", text="warning")])])
@@ -71,6 +73,41 @@ def test_check_notebooks_flags_unexecuted_stderr_and_wrong_kernel(tmp_path):
     for bad, why in ((stripped, "not executed"), (stderr, "stderr"), (kernel, "kernel"), (error, "stored an error")):
         run = subprocess.run(tool + [bad], capture_output=True, text=True)
         assert run.returncode == 1 and why in run.stdout, run.stdout
+
+
+def test_check_notebooks_flags_house_style(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    tool = [sys.executable, str(ROOT / "tools" / "check_notebooks.py")]
+    setup_cell = nbformat.v4.new_code_cell("1", execution_count=1, metadata={"tags": ["hide-input"]})
+    ending = nbformat.v4.new_markdown_cell("## Summary\n\n- x\n\n## Exercises\n\n1. y")
+    table_md = "| a | b |\n|---|---|\n| 1 | 2 |"
+    numbered = (":::{table} A caption.\n:name: ch9-tab-a\n\n```{glue:md} ch9-tab-a\n:format: gfm\n```\n:::\n\n"
+                "```{glue:figure} ch9-fig-a\n:name: \"ch9-fig-a\"\n\nA figure.\n```\n")
+
+    def run(*cells, setup=setup_cell):
+        nb = nbformat.v4.new_notebook(cells=[setup, *cells])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        path = tmp_path / "nb.ipynb"
+        nbformat.write(nb, path)
+        return subprocess.run(tool + [str(path)], capture_output=True, text=True)
+
+    cites = nbformat.v4.new_markdown_cell("See {numref}`ch9-tab-a` and {numref}`Fig. %s <ch9-fig-a>`.")
+    assert run(nbformat.v4.new_markdown_cell(numbered), cites, ending).returncode == 0
+    cases = [
+        ((nbformat.v4.new_markdown_cell(numbered), ending), "'ch9-tab-a' is never cited"),
+        ((nbformat.v4.new_markdown_cell(numbered.replace(":name: ch9-tab-a\n", "")), cites, ending), "without :name:"),
+        ((nbformat.v4.new_markdown_cell("text\n\n" + table_md), ending), "outside a numbered {table}"),
+        ((nbformat.v4.new_code_cell("t", execution_count=2, outputs=[nbformat.v4.new_output(
+            "display_data", {"text/markdown": table_md, "text/plain": "t"})]), ending), "prints a Markdown table"),
+        ((nbformat.v4.new_code_cell("p", execution_count=2, outputs=[nbformat.v4.new_output(
+            "stream", name="stdout", text="x" * 101 + "\n")]), ending), "101 characters"),
+        ((nbformat.v4.new_markdown_cell("## Exercises\n\n1. y\n\n## Summary\n\n- x"),), "must end with '## Summary'"),
+    ]
+    for cells, why in cases:
+        out = run(*cells)
+        assert out.returncode == 1 and why in out.stdout, (why, out.stdout)
+    out = run(ending, setup=nbformat.v4.new_code_cell("1", execution_count=1))
+    assert out.returncode == 1 and "set-up cell" in out.stdout
 
 
 def test_make_test_runs_the_docstring_examples():

@@ -100,7 +100,7 @@ def test_check_notebooks_flags_house_style(tmp_path):
         ((nbformat.v4.new_code_cell("t", execution_count=2, outputs=[nbformat.v4.new_output(
             "display_data", {"text/markdown": table_md, "text/plain": "t"})]), ending), "prints a Markdown table"),
         ((nbformat.v4.new_code_cell("p", execution_count=2, outputs=[nbformat.v4.new_output(
-            "stream", name="stdout", text="x" * 101 + "\n")]), ending), "101 characters"),
+            "stream", name="stdout", text="x" * 89 + "\n")]), ending), "89 characters"),
         ((nbformat.v4.new_markdown_cell("## Exercises\n\n1. y\n\n## Summary\n\n- x"),), "must end with '## Summary'"),
     ]
     for cells, why in cases:

@@ -48,17 +48,21 @@ def check_config(app: Sphinx, config) -> None:
                              f"itself: set sphinx.config.mathjax_path to {expected!r} in _config.yml")
 
 
-def copy_mathjax(app: Sphinx, exception) -> None:
-    if exception is not None or app.builder.format != "html":
-        return
+def copy_into(out: Path) -> Path:
+    """Copy MathJax's browser parts into the directory `out`; returns the entry script's path."""
     root = mathjax_root()
-    out = Path(app.outdir) / TARGET
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(root / "es5" / ENTRY, out / ENTRY)
     shutil.copy2(root / "LICENSE", out / "LICENSE")
     for part in PARTS:
         shutil.copytree(root / "es5" / part, out / part, dirs_exist_ok=True)
     (out / "VERSION").write_text(f"MathJax from the PyPI package {DIST}=={metadata.version(DIST)}\n")
+    return out / ENTRY
+
+
+def copy_mathjax(app: Sphinx, exception) -> None:
+    if exception is None and app.builder.format == "html":
+        copy_into(Path(app.outdir) / TARGET)
 
 
 def setup(app: Sphinx) -> dict:

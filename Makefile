@@ -24,7 +24,7 @@ include $(NUMERICS_MK)
 export TQDM_DISABLE := 1
 X86_64 := $(filter x86_64 amd64 AMD64,$(shell uname -m))
 
-.PHONY: setup warm-cache platform test test-package test-notebooks check-notebooks book book-fresh outputs bench levers clean
+.PHONY: setup warm-cache platform test test-package test-notebooks check-notebooks book book-fresh outputs check-book bench levers clean
 
 setup: $(STAMP)            ## create .venv: torch==2.13.0 (CPU wheel) first, then the project pinned
 
@@ -78,12 +78,27 @@ check-notebooks: setup     ## every chapter executed, python3 kernel, no stderr,
 
 # The book shows the chapters' stored outputs (_config.yml: execute_notebooks off), the ones
 # `make test` proves a fresh execution reproduces; `make book-fresh` computes them again first.
-book: setup                ## build the HTML into _build/html from the stored chapter outputs
+define build-book
 	@start=$$SECONDS; rm -rf _build; \
 	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going --quiet && \
 	echo "book: built _build/html/index.html from the chapters' stored outputs, not re-executed ($$((SECONDS - start)) s; make book-fresh computes them afresh)"
+endef
+book: setup                ## build the HTML into _build/html from the stored chapter outputs
+	$(build-book)
 
 book-fresh: outputs book   ## re-execute every chapter in place (both cores), then build the HTML
+
+# The built book as a reader sees it, in headless Chromium (Debian's chromium; tools/check_book.py):
+# fails on raw TeX or MyST left in the text, MathJax not rendering, any request outside the book,
+# a missing file, a table, output or image clipped at 1400 px, an image wider than a 420 px screen;
+# writes screenshots to _build/screenshots/ and prints each page's weight. Builds the book first
+# only when it is missing or older than its sources.
+BOOK_SRC := $(NB) $(filter-out README.md,$(wildcard *.md)) _config.yml _toc.yml references.bib $(wildcard _ext/*.py)
+_build/html/index.html: $(BOOK_SRC) | setup
+	$(build-book)
+
+check-book: setup _build/html/index.html   ## check the built book in headless Chromium, screenshots, page weights
+	$(PY) tools/check_book.py _build/html
 
 outputs: setup warm-cache  ## re-execute the chapters in place on $(JOBS) kernels (review `git diff`, commit)
 	@start=$$SECONDS; $(PY) tools/run_notebooks.py --jobs $(JOBS) $(NB_HEAVY_FIRST) && \

@@ -108,6 +108,16 @@ def test_check_notebooks_flags_house_style(tmp_path):
         assert out.returncode == 1 and why in out.stdout, (why, out.stdout)
     out = run(ending, setup=nbformat.v4.new_code_cell("1", execution_count=1))
     assert out.returncode == 1 and "set-up cell" in out.stdout
+    prose = nbformat.v4.new_markdown_cell("Here `fake_quant` rounds; `calib.mse` searches.\n\n```python\nfake_quant(x)\n```")
+    out = run(prose, ending)
+    assert out.returncode == 1 and "`fake_quant` in the prose is plain code" in out.stdout, out.stdout
+    assert "{py:func}`calib.mse <refimpl.calib.mse.mse>`" in out.stdout, out.stdout
+    path = tmp_path / "nb.ipynb"
+    fixed = subprocess.run(tool + ["--link-api", str(path)], capture_output=True, text=True)
+    assert fixed.returncode == 0 and "2 refimpl names linked" in fixed.stdout, fixed.stdout
+    text = path.read_text()
+    assert "{py:func}`fake_quant <refimpl.quant.functional.fake_quant>`" in text
+    assert "fake_quant(x)" in text            # code blocks are left alone
 
 
 def test_make_test_runs_the_docstring_examples():

@@ -154,7 +154,7 @@ def bn_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
     DFQ (Nagel et al. 2019) §4.1/§4.2: after folding, the pre-activation output of the layer
     is ~N(beta, gamma^2) per output channel. The pairs are those ``fold_all_bn`` folds, and
     the names are the layer's qualified names (as kept by ``fold_all_bn``). gamma is returned as
-    |gamma|, the standard deviation (a negative BN weight flips the sign, not the spread); a BN
+    ``|gamma|``, the standard deviation (a negative BN weight flips the sign, not the spread); a BN
     without affine parameters gives beta = 0, gamma = 1. Tensors are detached copies, shape
     (C_out,), in the BN's dtype and device. The model is not modified.
     """

@@ -49,11 +49,14 @@ def uniform_sqnr_db(bits: int, peak_to_rms: float) -> float:
     """Textbook SQNR (dB) of a b-bit uniform quantizer whose grid spans [-peak, peak] (no clipping).
 
     The grid has 2^b - 1 steps of size s = 2 peak / (2^b - 1) and the rounding error is uniform
-    on [-s/2, s/2] (variance s^2 / 12), so for a signal of RMS value sigma
+    on [-s/2, s/2] (variance s^2 / 12), so for a signal of RMS value sigma::
+
         SQNR = 10 log10(sigma^2 / (s^2 / 12)) = 20 log10(2^b - 1) + 10 log10(3) - 20 log10(peak / sigma)
              ~ 6.02 b + 4.77 - 20 log10(peak / sigma)        (b large)
+
     (the classical "6 dB per bit" rule; see e.g. Gray & Neuhoff 1998, "Quantization", IEEE Trans.
     Inf. Theory 44(6)).
+
     bits: 1..16; peak_to_rms: peak / sigma >= 1 (the crest factor). Returns a float.
     """
     bits = check_int(bits, "bits", 1, 16)

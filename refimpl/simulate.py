@@ -90,11 +90,14 @@ def fake_quantize_weights(model: nn.Module, spec: QuantSpec | Mapping[str, Quant
     (axis 0 is the output channel of Conv and Linear weights, white paper §2.4). Biases,
     BatchNorm and activations are left in floating point. Book chapters 1-3.
 
-    spec:         one QuantSpec for every selected layer, or {layer name: QuantSpec} (mixed precision).
-    names:        with a single QuantSpec, the layers to quantize (default: every Conv/Linear layer).
-    range_method: a name in ``refimpl.calib.RANGE_METHODS`` or fn(w, spec) -> (xmin, xmax);
-                  default "minmax" (``refimpl.calib.minmax``).
-    rounding:     a mode of ``refimpl.quant.round_to_int``; ``generator`` feeds stochastic rounding.
+    ::
+
+        spec:         one QuantSpec for every selected layer, or {layer name: QuantSpec} (mixed precision).
+        names:        with a single QuantSpec, the layers to quantize (default: every Conv/Linear layer).
+        range_method: a name in ``refimpl.calib.RANGE_METHODS`` or fn(w, spec) -> (xmin, xmax);
+                      default "minmax" (``refimpl.calib.minmax``).
+        rounding:     a mode of ``refimpl.quant.round_to_int``; ``generator`` feeds stochastic rounding.
+
     Returns the quantized copy (same mode as ``model``); ``model`` itself is not modified.
     """
     if not isinstance(model, nn.Module):

@@ -31,7 +31,7 @@ def accumulate_updates(x0: torch.Tensor, increment: float, steps: int, scale: fl
     E[x_{t+1}] = x_t + increment while no clipping occurs (Gupta et al. 2015, "Deep learning with
     limited numerical precision").
     x0: floating tensor of independent starting values (e.g. one per chain), on the grid or not.
-    Returns the trajectory, a tensor of shape (steps + 1, *x0.shape) in x0's dtype; row 0 is x0.
+    Returns the trajectory, a tensor of shape ``(steps + 1, *x0.shape)`` in x0's dtype; row 0 is x0.
     """
     check_float_tensor(x0, "x0")
     check_choice(rounding, "rounding", ROUNDING_MODES)

@@ -27,7 +27,7 @@ DISTRIBUTIONS = ("gaussian", "laplace")
 def standard_samples(dist: str, n: int, seed: int = 0) -> torch.Tensor:
     """``n`` seeded samples of a zero-mean, unit-variance Gaussian or Laplacian (float32, (n,)).
 
-    dist: "gaussian" (N(0, 1)) or "laplace" (density exp(-|x|/b) / 2b with b = 1/sqrt(2), so that
+    dist: "gaussian" (N(0, 1)) or "laplace" (density ``exp(-|x|/b) / 2b`` with b = 1/sqrt(2), so that
     the variance 2 b^2 is 1; drawn by inverting the CDF of a uniform from a seeded generator).
     """
     check_choice(dist, "dist", DISTRIBUTIONS)

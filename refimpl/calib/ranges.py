@@ -92,7 +92,7 @@ def percentile(x: torch.Tensor, spec: QuantSpec, q: float = 99.99):
     (e.g. Wu et al. 2020, "Integer Quantization for Deep Learning Inference"; a data-driven
     alternative to min-max, white paper §3.1).
 
-    Symmetric spec: [-t, t] with t the q-th percentile of |x|. Asymmetric spec: the (100 - q)-th
+    Symmetric spec: [-t, t] with t the q-th percentile of ``|x|``. Asymmetric spec: the (100 - q)-th
     and q-th percentiles of x (q >= 50). Percentiles interpolate linearly between order
     statistics, as ``numpy.percentile`` (method="linear"), exactly and for tensors of any size.
 

@@ -302,7 +302,7 @@ def compare_recorded(record: dict) -> list[dict]:
 
 
 def agreement_summary(rows: list[dict]) -> dict:
-    """``{"pairs", "median", "max"}`` of |rel_err| over the unmarked rows (fractions)."""
+    """``{"pairs", "median", "max"}`` of ``|rel_err|`` over the unmarked rows (fractions)."""
     errs = [abs(r["rel_err"]) for r in rows if not r["marked"] and r["rel_err"] is not None]
     if not errs:
         raise ValueError("rows has no unmarked pair with an error")
@@ -311,7 +311,7 @@ def agreement_summary(rows: list[dict]) -> dict:
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of :func:`compare_with_llvm_mca` rows, with the median and maximum
-    |error| over the unmarked rows."""
+    ``|error|`` over the unmarked rows."""
     lines = [f"{'kernel':20s} {'core':11s} {'variant':11s} {'ours':>7s} {'mca':>7s} {'err':>7s}  marked"]
     for r in rows:
         ours = "-" if r["ours"] is None else f"{r['ours']:.2f}"

@@ -32,7 +32,7 @@ def input_index(layer: nn.Module) -> torch.Tensor:
 
 
 def weight_ranges(layer: nn.Module, side: str = "out", weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-channel weight range r_i = max |W| over the entries of channel i (DFQ §4.1).
+    """Per-channel weight range ``r_i = max |W|`` over the entries of channel i (DFQ §4.1).
 
     side="out": per output channel (C_out,); side="in": per input channel (C_in,) — for a
     grouped/depthwise conv, the entries of all output channels that read input channel i.

@@ -168,8 +168,8 @@ def merge_bn(qmodel: torch.fx.GraphModule, return_report: bool = False):
 
     Eval-mode BN is y = a * z + c per channel (a = gamma / sqrt(var + eps), c = beta - a * mean).
     With per-channel symmetric weights W_hat = s * q (codes q, zero point 0), a * W_hat =
-    (s * |a|) * (sign(a) * q): the merged layer has the same integer codes up to sign, scale
-    s * |a| and bias a * b + c, so it computes the same function -- except where a < 0 and a
+    ``(s * |a|) * (sign(a) * q)``: the merged layer has the same integer codes up to sign, scale
+    ``s * |a|`` and bias a * b + c, so it computes the same function -- except where a < 0 and a
     code equals qmin, whose negation -qmin = qmax + 1 is off the grid and clamps to qmax (one
     step off; a narrow-range grid avoids it). The weights become their quantized values
     (the float latent weights of QAT are not needed after training); activation quantizers are

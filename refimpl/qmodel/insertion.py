@@ -36,6 +36,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn:
       from the weight now (static ranges, ``config.weight_range_method``);
     * ``ActQuantizer`` modules (in the ``act_quant`` ModuleDict), inserted uncalibrated (run
       ``calibrate`` before using them), sit at these *sites*:
+
         - the model input (``"input"``; ``"input_<arg>"`` for several inputs), unless only
           kept-in-float layers read it;
         - the output of every quantized layer (site name = the layer's name), after the
@@ -43,6 +44,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn:
         - the output of a residual addition of two tensors, after its ReLU/ReLU6 if that is the
           add's only user (site name = that ReLU module's name, or the fx node name, "add_1");
         - the output of average pooling, which leaves the input's grid.
+
       Max pooling, flatten/reshape/view, dropout, identity and every other op pass through
       unquantized: their inputs carry the quantizers of their producers. A site whose tensor is
       non-negative by construction (a ReLU output, an add or average of such tensors) gets an

@@ -51,9 +51,11 @@ def qparams(xmin, xmax, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
 
     PyTorch observers' convention (``torch.ao.quantization.observer.UniformQuantizationObserverBase
     ._calculate_qparams``): the range is first widened to contain 0, so that zero is exactly
-    representable (white paper §2.2, "zero-point"); then
+    representable (white paper §2.2, "zero-point"); then::
+
       symmetric:  scale = max(-xmin, xmax) / ((qmax - qmin) / 2),  zero_point = spec.symmetric_zero_point
       asymmetric: scale = (xmax - xmin) / (qmax - qmin),           zero_point = qmin - round(xmin / scale)
+
     with scale floored at float32 eps (so an all-zero range gives a valid quantizer).
 
     xmin, xmax: floats or float tensors, 0-d for ``spec.axis is None``, 1-d (one per channel) otherwise.
@@ -96,11 +98,14 @@ def round_to_int(v: torch.Tensor, rounding: str = "half_even", generator: torch.
                  ) -> torch.Tensor:
     """Round a floating tensor to integral values (same dtype).
 
-    half_even:  ties to even (IEEE default; ``torch.round``, C's ``nearbyint``).
-    half_away:  ties away from zero (C's ``round``).
-    floor:      towards -inf.
-    stochastic: floor(v) + Bernoulli(v - floor(v)), so E[round(v)] = v (Gupta et al. 2015, §3);
-                uniforms drawn from ``generator`` (on v's device) when given.
+    ::
+
+        half_even:  ties to even (IEEE default; ``torch.round``, C's ``nearbyint``).
+        half_away:  ties away from zero (C's ``round``).
+        floor:      towards -inf.
+        stochastic: floor(v) + Bernoulli(v - floor(v)), so E[round(v)] = v (Gupta et al. 2015, §3);
+                    uniforms drawn from ``generator`` (on v's device) when given.
+
     """
     check_choice(rounding, "rounding", ROUNDING_MODES)
     if rounding == "half_even":

@@ -82,6 +82,8 @@ def bn_relu_ranges(model: nn.Module, spec: QuantSpec, alpha: float = 6.0) -> dic
 
     spec: only its axis is used (None: per tensor; 1: per channel of the activations).
     Returns {ReLU name: (xmin, xmax)} float32, 0-d or 1-d, in forward order.
+
+    Used in :ref:`ch3-sec-activations`.
     """
     if not all(hasattr(model, a) for a in ("stem", "blocks")):
         raise TypeError(f"model must be a refimpl.models.ResNetCNN, got {type(model).__name__}")

@@ -120,6 +120,8 @@ def kl_tensorrt(x: torch.Tensor, spec: QuantSpec, num_bins: int = 2048, num_quan
     x: floating tensor.  spec: symmetric (asymmetric: ``kl_onnxruntime``).  num_bins: >= 2
     (>= num_quantized_bins).  Rows (``spec.axis``) are calibrated one by one.
     Returns (xmin, xmax) float32, 0-d or 1-d.
+
+    Used in :ref:`ch3-sec-weights`.
     """
     check_spec(spec)
     if not spec.symmetric:
@@ -150,6 +152,8 @@ def kl_onnxruntime(x: torch.Tensor, spec: QuantSpec, num_bins: int = 2048, num_q
     x: floating tensor.  spec: asymmetric (symmetric: ``kl_tensorrt``).  num_bins: >= 2
     (>= num_quantized_bins).  Rows (``spec.axis``) are calibrated one by one.
     Returns (xmin, xmax) float32, 0-d or 1-d.
+
+    Used in :ref:`ch3-sec-activations`.
     """
     check_spec(spec)
     if spec.symmetric:

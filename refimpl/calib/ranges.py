@@ -23,6 +23,9 @@ def minmax(x: torch.Tensor, spec: QuantSpec):
 
     x: floating tensor (float16/bfloat16/float32/float64), any shape.
     Returns (xmin, xmax) float32, 0-d, or 1-d with one value per slice along ``spec.axis``.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-rounding`,
+    :ref:`ch3-sec-weights`.
     """
     check_spec(spec)
     lo, hi = torch.aminmax(widened(channel_rows(x, spec)), dim=1)
@@ -98,6 +101,8 @@ def percentile(x: torch.Tensor, spec: QuantSpec, q: float = 99.99):
 
     x: floating tensor.  q: in (0, 100]; 100 gives min-max.
     Returns (xmin, xmax) float32, 0-d or 1-d (per slice along ``spec.axis``).
+
+    Used in :ref:`ch2-sec-clipping`, :ref:`ch3-sec-weights`.
     """
     check_spec(spec)
     q = check_real(q, "q", 0.0, 100.0, low_open=True)

@@ -39,6 +39,8 @@ def weight_ranges(layer: nn.Module, side: str = "out", weight: torch.Tensor | No
     weight: use this tensor (the layer's weight shape) instead of ``layer.weight``.
     Returns a detached tensor in the weight's dtype. (Positive per-channel scaling scales
     max|W| and max-min alike, so CLE equalizes either definition.)
+
+    Used in :ref:`ch5-sec-per-tensor-weights-and-the`.
     """
     if not is_weight_layer(layer):
         raise TypeError(f"layer must be a Conv1d/Conv2d/Conv3d/Linear, got {type(layer).__name__}")

@@ -155,6 +155,8 @@ def cross_layer_equalization(model: nn.Module, iterations: int = 100, tol: float
 
     Returns the new ``torch.fx.GraphModule`` (eval mode), or (model, CLEReport) when
     ``return_report``. The input model is not modified.
+
+    Used in :ref:`ch5-sec-per-tensor-weights-and-the`.
     """
     iterations = check_int(iterations, "iterations", low=1)
     if not (isinstance(tol, (int, float)) and tol > 0):

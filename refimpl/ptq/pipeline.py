@@ -81,6 +81,8 @@ def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantC
     fp_model: float model (any fx-traceable model of Conv/Linear/BN/ReLU(6)/adds); untouched.
     x_calib: float ``(N, *input_shape)`` calibration inputs. ``progress``: show the progress of each
     step. Returns a :class:`PipelineResult`.
+
+    Used in :ref:`ch5-sec-adaround-learning-to-round`.
     """
     if not isinstance(fp_model, nn.Module):
         raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
@@ -164,7 +166,10 @@ def pipeline_accuracies(fp_model: nn.Module, data, config: QuantConfig, endings:
     adaround_kw=adaround_kw, **ending)}`` for ``endings`` {name: {"adaround": bool, "bias_correction":
     ...}} ("adaround" required; no "bias_correction": none). The common steps (BN folding, CLE,
     absorption, quantizers, activation ranges) run once; each ending continues from a copy, so the
-    numbers are those of separate :func:`pipeline_accuracy` calls (tests/test_pipeline.py)."""
+    numbers are those of separate :func:`pipeline_accuracy` calls (tests/test_pipeline.py).
+
+    Used in :ref:`ch5-sec-per-tensor-weights-and-the`.
+    """
     if not isinstance(fp_model, nn.Module):
         raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
     if not isinstance(config, QuantConfig):
@@ -197,6 +202,8 @@ def quantization_sensitivity(qmodel: nn.Module, x: torch.Tensor, y: torch.Tensor
     layer's weights quantized}, "sites": {site: accuracy with only that activation quantizer on}}.
     Each quantizer's on/off state is restored afterwards. qmodel: from
     :func:`refimpl.qmodel.quantize_model`, calibrated; x float (N, ...), y int64 (N,).
+
+    Used in :ref:`ch5-sec-the-results-table`.
     """
     before_w = {n: q.enabled for n, q in weight_quantizers(qmodel).items()}
     before_a = {n: q.state for n, q in act_quantizers(qmodel).items()}

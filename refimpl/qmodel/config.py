@@ -49,6 +49,7 @@ class QuantConfig:
                             a name in ``refimpl.qmodel.quantizer_kinds()`` ("fixed": the grid set by the
                             range method; "ste", "lsq": learned during QAT, see ``set_trainable``).
 
+    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch6-sec-the-qat-pipeline`.
     """
 
     weight_bits: int = 8

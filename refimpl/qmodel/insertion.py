@@ -58,6 +58,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn:
     The input model is not modified; the result is in eval mode, on the model's device. Raises
     ValueError for BatchNorm layers (fold them first: ``refimpl.fold.fold_all_bn``), unknown
     ``keep_fp`` / ``layer_weight_bits`` / ``site_act_bits`` names, or a model torch.fx cannot trace.
+
+    Used in :ref:`ch5-sec-where-the-quantizers-go`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -206,6 +208,8 @@ def first_last_bits(model: nn.Module, config: QuantConfig, bits: int = 8) -> Qua
     bit-width for all layers, §2.4): the first layer reads raw data, which 4 bits cannot resolve,
     and the last produces the logits, while the two together cost little of the compute.
     ``model``: the BN-free model that will be passed to ``quantize_model``.
+
+    Used in :ref:`ch6-sec-where-w4a4-loses-the-first-and`.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")

@@ -26,6 +26,8 @@ class QuantSpec:
         axis:          None for one (scale, zero_point) per tensor; an int for one per slice along
                        that dimension (per-channel).
 
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-the-affine-map`,
+    :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch6-sec-the-straight-through-estimator`.
     """
 
     bits: int = 8

@@ -105,6 +105,9 @@ def capture_activations(model: nn.Module, x: torch.Tensor, names: Iterable[str] 
     ``names`` (module order when names is None), detached, in the model's dtype. where="input":
     each module's first input; ``stop=True`` ends each forward at the (single) named module.
     A module called several times in one forward (a shared ReLU) would be ambiguous: ValueError.
+
+    Used in :ref:`ch1-sec-symmetric-and-asymmetric-grids`, :ref:`ch2-sec-clipping`,
+    :ref:`ch3-sec-activations`, :ref:`ch4-sec-a-real-layer-through-a-kernel`.
     """
     _check_model(model)
     modules = dict(model.named_modules())

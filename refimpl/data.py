@@ -30,11 +30,14 @@ __all__ = ["DataSplit", "DATASETS", "load_digits_split", "load_mnist1d_split", "
 class DataSplit:
     """A train/test/calibration split of one dataset, as tensors on the CPU.
 
-    x_train: float32 (N_train, *input_shape);  y_train: int64 (N_train,) in [0, num_classes)
-    x_test:  float32 (N_test, *input_shape);   y_test:  int64 (N_test,)
-    x_calib: float32 (calib_size, *input_shape), rows drawn from x_train without replacement,
-             for post-training calibration of quantizers.
-    mean, std: the scalar training-set statistics used to standardise every x.
+    ::
+
+        x_train: float32 (N_train, *input_shape);  y_train: int64 (N_train,) in [0, num_classes)
+        x_test:  float32 (N_test, *input_shape);   y_test:  int64 (N_test,)
+        x_calib: float32 (calib_size, *input_shape), rows drawn from x_train without replacement,
+                 for post-training calibration of quantizers.
+        mean, std: the scalar training-set statistics used to standardise every x.
+
     """
 
     name: str

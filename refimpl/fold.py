@@ -71,6 +71,8 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     channels. The result is a copy of ``layer`` (same class, dtype, device, requires_grad) with
     new weight/bias parameters; neither input is modified. Equal to
     ``torch.nn.utils.fusion.fuse_conv_bn_eval`` / ``fuse_linear_bn_eval``.
+
+    Used in :ref:`ch5-sec-folding-batchnorm`.
     """
     _check_pair(layer, bn)
     a, c = bn_scale_shift(bn)
@@ -128,6 +130,8 @@ def fold_all_bn(model: nn.Module) -> torch.fx.GraphModule:
     they are): a layer whose output also feeds another consumer besides the BN, a BN after
     anything else, modules called at several sites, BNs without running statistics.
     Outputs equal ``model.eval()(x)`` up to float rounding. The input model is not modified.
+
+    Used in :ref:`ch5-sec-folding-batchnorm`, :ref:`ch6-sec-where-w4a4-loses-the-first-and`.
     """
     gm = trace(model)
     for layer_node, bn_node in _foldable_pairs(gm):
@@ -154,7 +158,7 @@ def bn_statistics(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
     DFQ (Nagel et al. 2019) §4.1/§4.2: after folding, the pre-activation output of the layer
     is ~N(beta, gamma^2) per output channel. The pairs are those ``fold_all_bn`` folds, and
     the names are the layer's qualified names (as kept by ``fold_all_bn``). gamma is returned as
-    |gamma|, the standard deviation (a negative BN weight flips the sign, not the spread); a BN
+    ``|gamma|``, the standard deviation (a negative BN weight flips the sign, not the spread); a BN
     without affine parameters gives beta = 0, gamma = 1. Tensors are detached copies, shape
     (C_out,), in the BN's dtype and device. The model is not modified.
     """

@@ -19,6 +19,8 @@ def grid_levels(scale, zero_point, spec: QuantSpec) -> torch.Tensor:
     (white paper, Nagel et al. 2021, eq. 6 applied to the whole integer grid.)
     scale, zero_point: per-tensor, as returned by ``qparams``. Returns a float32 1-d tensor of
     ``spec.num_levels`` increasing values.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`.
     """
     if not isinstance(spec, QuantSpec) or spec.axis is not None:
         raise ValueError("grid_levels needs a per-tensor QuantSpec (spec.axis is None)")
@@ -31,6 +33,8 @@ def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
     x, x_hat: floating tensors of the same shape. Returns +inf when x_hat == x, -inf when x == 0
     everywhere and x_hat is not.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch3-sec-weights`.
     """
     check_float_tensor(x, "x")
     check_float_tensor(x_hat, "x_hat")
@@ -49,12 +53,17 @@ def uniform_sqnr_db(bits: int, peak_to_rms: float) -> float:
     """Textbook SQNR (dB) of a b-bit uniform quantizer whose grid spans [-peak, peak] (no clipping).
 
     The grid has 2^b - 1 steps of size s = 2 peak / (2^b - 1) and the rounding error is uniform
-    on [-s/2, s/2] (variance s^2 / 12), so for a signal of RMS value sigma
+    on [-s/2, s/2] (variance s^2 / 12), so for a signal of RMS value sigma::
+
         SQNR = 10 log10(sigma^2 / (s^2 / 12)) = 20 log10(2^b - 1) + 10 log10(3) - 20 log10(peak / sigma)
              ~ 6.02 b + 4.77 - 20 log10(peak / sigma)        (b large)
+
     (the classical "6 dB per bit" rule; see e.g. Gray & Neuhoff 1998, "Quantization", IEEE Trans.
     Inf. Theory 44(6)).
+
     bits: 1..16; peak_to_rms: peak / sigma >= 1 (the crest factor). Returns a float.
+
+    Used in :ref:`ch1-sec-bit-width`.
     """
     bits = check_int(bits, "bits", 1, 16)
     if not isinstance(peak_to_rms, (int, float)) or isinstance(peak_to_rms, bool) or not peak_to_rms >= 1.0:
@@ -70,6 +79,8 @@ def quant_error_split(x: torch.Tensor, scale, zero_point, spec: QuantSpec, round
     x: floating tensor. Returns {"mse", "rounding_mse", "clipping_mse", "clipped_fraction"} (floats,
     float64; the two MSE parts are sums over their elements divided by x.numel(), so they add up
     to "mse").
+
+    Used in :ref:`ch2-sec-clipping`.
     """
     check_float_tensor(x, "x")
     if not isinstance(spec, QuantSpec) or spec.axis is not None:

@@ -41,7 +41,7 @@ def _conv_bn(dims: int, c_in: int, c_out: int, kernel_size: int, stride: int,
 class BasicBlock(nn.Module):
     """Residual block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
 
-    Input (N, c_in, *spatial) float; output (N, c_out, *spatial / stride). The shortcut is
+    Input ``(N, c_in, *spatial)`` float; output ``(N, c_out, *spatial / stride)``. The shortcut is
     nn.Identity when the shape is unchanged, else a 1x1 conv + BN projection ``shortcut.conv``,
     ``shortcut.bn``.
     """
@@ -113,8 +113,8 @@ class InvertedResidual(nn.Module):
     groups = channels, stride ``stride``), project (1x1 Conv-BN, linear: no activation), plus
     the input when ``stride == 1 and c_in == c_out`` (``self.residual``). Layers are named
     ``expand_conv``, ``expand_bn``, ``expand_relu``, ``dw_conv``, ``dw_bn``, ``dw_relu``,
-    ``project_conv``, ``project_bn``. Input (N, c_in, *spatial) float; output
-    (N, c_out, *ceil(spatial / stride)).
+    ``project_conv``, ``project_bn``. Input ``(N, c_in, *spatial)`` float; output
+    ``(N, c_out, *ceil(spatial / stride))``.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1, expansion: int = 4, kernel_size: int = 3,

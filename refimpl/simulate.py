@@ -43,6 +43,9 @@ def quantizable_layers(model: nn.Module, types: tuple[type, ...] = WEIGHT_LAYERS
     """The model's layers that carry a quantizable weight: {qualified name: module}, in module order.
 
     types: the layer classes to list (Conv1d/2d/3d and Linear by default).
+
+    Used in :ref:`ch1-sec-the-network-used-throughout`, :ref:`ch2-sec-rounding`,
+    :ref:`ch3-sec-ranges-on-a-trained-network`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -90,12 +93,18 @@ def fake_quantize_weights(model: nn.Module, spec: QuantSpec | Mapping[str, Quant
     (axis 0 is the output channel of Conv and Linear weights, white paper §2.4). Biases,
     BatchNorm and activations are left in floating point. Book chapters 1-3.
 
-    spec:         one QuantSpec for every selected layer, or {layer name: QuantSpec} (mixed precision).
-    names:        with a single QuantSpec, the layers to quantize (default: every Conv/Linear layer).
-    range_method: a name in ``refimpl.calib.RANGE_METHODS`` or fn(w, spec) -> (xmin, xmax);
-                  default "minmax" (``refimpl.calib.minmax``).
-    rounding:     a mode of ``refimpl.quant.round_to_int``; ``generator`` feeds stochastic rounding.
+    ::
+
+        spec:         one QuantSpec for every selected layer, or {layer name: QuantSpec} (mixed precision).
+        names:        with a single QuantSpec, the layers to quantize (default: every Conv/Linear layer).
+        range_method: a name in ``refimpl.calib.RANGE_METHODS`` or fn(w, spec) -> (xmin, xmax);
+                      default "minmax" (``refimpl.calib.minmax``).
+        rounding:     a mode of ``refimpl.quant.round_to_int``; ``generator`` feeds stochastic rounding.
+
     Returns the quantized copy (same mode as ``model``); ``model`` itself is not modified.
+
+    Used in :ref:`ch1-sec-mixed-precision`, :ref:`ch2-sec-per-tensor-and-per-channel`,
+    :ref:`ch3-sec-weights`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -130,6 +139,8 @@ def weight_quant_report(model: nn.Module, spec: QuantSpec | Mapping[str, QuantSp
 
     Arguments as for ``fake_quantize_weights``. Returns one ``LayerQuantError`` per selected layer,
     in module order: mse = mean((q(W) - W)^2) and sqnr_db = ``sqnr_db(W, q(W))``, both in float64.
+
+    Used in :ref:`ch1-sec-bit-width`, :ref:`ch2-sec-per-tensor-and-per-channel`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -193,6 +204,8 @@ def evaluate_with_activation_ranges(model: nn.Module, ranges: Mapping[str, tuple
     fake-quantized at fixed ranges (``activation_fake_quant``); ``refimpl.train.evaluate``
     otherwise (eval mode, no autograd). Book chapter 3. x: (N, ...) float; y: (N,) int64.
     Returns a float.
+
+    Used in :ref:`ch3-sec-the-last-layer-cross-entropy`.
     """
     with activation_fake_quant(model, ranges, spec):
         return evaluate(model, x, y, batch_size)

@@ -161,6 +161,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Top-1 accuracy in percent (Python float) of ``model`` on inputs x (N, ...) and int labels y (N,).
 
     Runs in eval mode without autograd, then restores every submodule's train/eval flag.
+
+    Used in :ref:`ch1-sec-the-network-used-throughout`, :ref:`ch2-sec-rounding`,
+    :ref:`ch3-sec-ranges-on-a-trained-network`, :ref:`ch5-sec-white-paper-post-training`,
+    :ref:`ch6-sec-white-paper-quantization-aware`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -197,6 +201,9 @@ def train_fp32(dataset_name: str, seed: int = 0, progress: bool = True, data_kw=
     :func:`refimpl.data.load_dataset`, ``model_kw`` to :func:`refimpl.models.make_model` and
     the remaining keywords to :func:`train`, each overriding ``TRAIN_DEFAULTS[(dataset_name,
     arch)]``. The model is returned in eval mode, on the CPU.
+
+    Used in :ref:`ch1-sec-the-network-used-throughout`, :ref:`ch2-sec-rounding`,
+    :ref:`ch3-sec-ranges-on-a-trained-network`, :ref:`ch4-sec-a-real-layer-through-a-kernel`.
     """
     check_choice(dataset_name, "dataset_name", tuple(dict.fromkeys(d for d, _ in TRAIN_DEFAULTS)))
     check_choice(arch, "arch", tuple(dict.fromkeys(a for _, a in TRAIN_DEFAULTS)))

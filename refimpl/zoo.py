@@ -52,7 +52,10 @@ def cache_key(dataset_name: str, arch: str, seed: int) -> str:
 def pretrained(dataset_name: str, arch: str = "resnet", seed: int = 0, progress: bool = True):
     """``(model, data)`` as ``train_fp32(dataset_name, seed, arch=arch)`` gives, from the cache
     when present (``progress``: show the training when it runs). model: eval mode, CPU; data:
-    :class:`refimpl.data.DataSplit`."""
+    :class:`refimpl.data.DataSplit`.
+
+    Used in :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-white-paper-quantization-aware`.
+    """
     check_choice(dataset_name, "dataset_name", tuple(_data.DATASETS))
     check_choice(arch, "arch", tuple(dict.fromkeys(a for _, a in _train.TRAIN_DEFAULTS)))
     seed = check_int(seed, "seed", low=0)

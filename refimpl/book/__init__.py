@@ -22,6 +22,10 @@ def setup(seed: int = 0) -> None:
     this first: :func:`refimpl.numerics.apply` (oneDNN off, one thread, deterministic kernels).
     Its environment variables must be in place before the kernel starts (``make`` does it); on
     x86-64 a warning names what is not, since the stored numbers then need not reproduce.
+
+    Used in :ref:`ch1-sec-introduction-and-taxonomy`, :ref:`ch2-sec-foundations`,
+    :ref:`ch3-sec-range-setting`, :ref:`ch4-sec-integer-inference-on-arm-what`,
+    :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-white-paper-quantization-aware`.
     """
     numerics.apply()
     if numerics.is_x86_64():

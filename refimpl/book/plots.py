@@ -44,6 +44,8 @@ def plot_grid_over_histogram(ax, values, grids: Mapping[str, torch.Tensor], bins
     horizontal band [i/n, (i+1)/n] of the axes' height, so that grids sharing a level stay
     distinguishable.  log: log-scaled counts (for spiky data, e.g. post-ReLU zeros).
     Returns ax, with labelled axes ("count" on y) and a legend above the axes.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`.
     """
     check_int(bins, "bins", low=1)
     if not isinstance(grids, Mapping) or not grids:
@@ -74,6 +76,8 @@ def plot_channel_ranges(ax, weight: torch.Tensor, axis: int = 0, title: str | No
     channel whose bar is much shorter than that range uses only a few of the per-tensor grid's
     codes, which is what per-channel quantization fixes (white paper, Nagel et al. 2021, §2.4).
     weight: floating tensor with at least one dimension. Returns ax.
+
+    Used in :ref:`ch2-sec-per-tensor-and-per-channel`, :ref:`ch5-sec-per-tensor-weights-and-the`.
     """
     check_float_tensor(weight, "weight")
     if weight.ndim == 0:
@@ -100,6 +104,8 @@ def plot_sensitivity(ax, report: Mapping, title: str | None = None):
     "layers", "sites"). Bars: accuracy (%) with only that layer's weights quantized (blue) or
     only that activation site quantized (orange); dashed lines: FP32 and everything quantized.
     Returns ax.
+
+    Used in :ref:`ch5-sec-the-results-table`.
     """
     for key in ("fp32", "full", "layers", "sites"):
         if key not in report:

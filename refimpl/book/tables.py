@@ -31,6 +31,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Se
     are right-aligned, text columns left-aligned. Non-numeric cells are always shown with ``str``.
     A "|" in a header or cell is escaped, so it cannot split the column.
     Returns the table as a string (display it with ``IPython.display.Markdown``).
+
+    Used in :ref:`ch1-sec-why-quantize`, :ref:`ch2-sec-clipping`,
+    :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-registers-lanes-and`,
+    :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-the-straight-through-estimator`.
     """
     headers = [_cell(h) for h in headers]
     ncol = len(headers)
@@ -55,7 +59,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Se
 
 
 def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value) of numbers."""
+    """Mean and sample standard deviation (ddof=1; 0.0 for a single value) of numbers.
+
+    Used in :ref:`ch5-sec-per-tensor-weights-and-the`, :ref:`ch6-sec-the-qat-pipeline`.
+    """
     vals = [float(v) for v in values]
     if not vals:
         raise ValueError("values must not be empty")
@@ -66,7 +73,10 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def format_mean_std(values, digits: int = 1) -> str:
-    """"mean ± std" of numbers (e.g. accuracies over seeds), both to ``digits`` decimals."""
+    """"mean ± std" of numbers (e.g. accuracies over seeds), both to ``digits`` decimals.
+
+    Used in :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-the-qat-pipeline`.
+    """
     digits = check_int(digits, "digits", 0, 6)
     mean, std = mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"

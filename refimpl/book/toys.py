@@ -31,7 +31,9 @@ def accumulate_updates(x0: torch.Tensor, increment: float, steps: int, scale: fl
     E[x_{t+1}] = x_t + increment while no clipping occurs (Gupta et al. 2015, "Deep learning with
     limited numerical precision").
     x0: floating tensor of independent starting values (e.g. one per chain), on the grid or not.
-    Returns the trajectory, a tensor of shape (steps + 1, *x0.shape) in x0's dtype; row 0 is x0.
+    Returns the trajectory, a tensor of shape ``(steps + 1, *x0.shape)`` in x0's dtype; row 0 is x0.
+
+    Used in :ref:`ch2-sec-stochastic-rounding`.
     """
     check_float_tensor(x0, "x0")
     check_choice(rounding, "rounding", ROUNDING_MODES)
@@ -59,6 +61,8 @@ def ste_gradient_descent(w0: float, target: float, scale: float, spec: QuantSpec
     them and q(w) flips between the two points (Nagel et al. 2022, "Overcoming oscillations in
     quantization-aware training", ICML 2022). Gradients come from autograd through fake_quant.
     Returns (latent, quantized): float64 tensors of shape (steps + 1,), w_t and q(w_t).
+
+    Used in :ref:`ch2-sec-the-straight-through-estimator`.
     """
     s, z = _scalar_qparams(scale, spec)
     steps = check_int(steps, "steps", low=0)

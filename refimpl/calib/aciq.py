@@ -27,8 +27,10 @@ DISTRIBUTIONS = ("gaussian", "laplace")
 def standard_samples(dist: str, n: int, seed: int = 0) -> torch.Tensor:
     """``n`` seeded samples of a zero-mean, unit-variance Gaussian or Laplacian (float32, (n,)).
 
-    dist: "gaussian" (N(0, 1)) or "laplace" (density exp(-|x|/b) / 2b with b = 1/sqrt(2), so that
+    dist: "gaussian" (N(0, 1)) or "laplace" (density ``exp(-|x|/b) / 2b`` with b = 1/sqrt(2), so that
     the variance 2 b^2 is 1; drawn by inverting the CDF of a uniform from a seeded generator).
+
+    Used in :ref:`ch3-sec-why-the-range-matters-clipping`.
     """
     check_choice(dist, "dist", DISTRIBUTIONS)
     n = check_int(n, "n", low=1)
@@ -55,6 +57,8 @@ def quantization_mse(x: torch.Tensor, spec: QuantSpec, clip_values) -> torch.Ten
     x: floating tensor, any shape (flattened).  spec: per-tensor.
     clip_values: 1-d tensor or sequence of thresholds t > 0 (T,).
     Returns the MSE at each threshold, float64 (T,).
+
+    Used in :ref:`ch3-sec-why-the-range-matters-clipping`.
     """
     check_float_tensor(x, "x")
     check_per_tensor(spec, "quantization_mse")
@@ -110,6 +114,8 @@ def aciq_optimal_clip(bits: int, dist: str) -> float:
     ACIQ (Banner et al. 2019, §4.1) quotes alpha* = 2.83 b, 3.89 b, 5.03 b for a Laplace(0, b) and
     1.71, 2.15, 2.55 sigma for a Gaussian at M = 2, 3, 4 bits; multiply a Laplacian result by
     sqrt(2) to express it in units of b. Returns a Python float.
+
+    Used in :ref:`ch3-sec-why-the-range-matters-clipping`.
     """
     check_choice(dist, "dist", DISTRIBUTIONS)
     bits = check_int(bits, "bits", 1, 16)

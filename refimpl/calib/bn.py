@@ -39,12 +39,12 @@ def batchnorm_beta_gamma(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def bn_based(beta: torch.Tensor, gamma: torch.Tensor, spec: QuantSpec, alpha: float = 6.0):
     """The range of a batch-normalised pre-activation from the BN parameters alone, without data
     (white paper §3.1, "Batch normalization based"; the pre-activation is modelled as Gaussian
-    with mean beta and standard deviation gamma, as in Nagel et al. 2019's data-free methods):
+    with mean beta and standard deviation gamma, as in Nagel et al. 2019's data-free methods)::
 
         xmin = min(beta - alpha * |gamma|),   xmax = max(beta + alpha * |gamma|)
 
     i.e. alpha standard deviations around each channel's mean (the paper writes gamma; a negative
-    gamma gives the same spread, hence |gamma|). Per tensor (spec.axis None): min/max over the
+    gamma gives the same spread, hence ``|gamma|``). Per tensor (spec.axis None): min/max over the
     channels; per channel (spec.axis set, the channel axis of the activation): the channels' own
     values.
 
@@ -75,13 +75,15 @@ def bn_relu_ranges(model: nn.Module, spec: QuantSpec, alpha: float = 6.0) -> dic
     """Data-free ranges of every ReLU output of a ``refimpl.models.ResNetCNN`` from its BatchNorm
     parameters (white paper §3.1, "Batch normalization based"; ``bn_based``; book chapter 3).
 
-    ``stem.relu`` and ``blocks.i.relu1`` follow one BatchNorm: [beta - alpha |gamma|, beta +
-    alpha |gamma|] (min/max over channels for a per-tensor spec), then clipped below at 0 by the
+    ``stem.relu`` and ``blocks.i.relu1`` follow one BatchNorm: ``[beta - alpha |gamma|, beta +
+    alpha |gamma|]`` (min/max over channels for a per-tensor spec), then clipped below at 0 by the
     ReLU. ``blocks.i.relu2`` follows a sum, bn2 plus the shortcut (its BatchNorm, or the block's
     input: the previous ReLU's range); the sum of the two intervals bounds it, then the ReLU clips.
 
     spec: only its axis is used (None: per tensor; 1: per channel of the activations).
     Returns {ReLU name: (xmin, xmax)} float32, 0-d or 1-d, in forward order.
+
+    Used in :ref:`ch3-sec-activations`.
     """
     if not all(hasattr(model, a) for a in ("stem", "blocks")):
         raise TypeError(f"model must be a refimpl.models.ResNetCNN, got {type(model).__name__}")

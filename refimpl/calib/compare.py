@@ -56,6 +56,8 @@ def calibrate_ranges(tensors: Mapping[str, torch.Tensor], spec: QuantSpec,
     returns.  range_method: {label: name in ``RANGE_METHODS`` or fn(x, spec) -> (xmin, xmax)}, or
     one such name or callable (labelled by the name, or the callable's ``__name__``).
     Returns {label: {tensor name: (xmin, xmax)}}, both in the given order.
+
+    Used in :ref:`ch3-sec-activations`.
     """
     check_spec(spec)
     if isinstance(range_method, Mapping):
@@ -76,6 +78,8 @@ def range_report(x: torch.Tensor, ranges: Mapping[str, tuple], spec: QuantSpec) 
     sum (x_hat - x)^2) (float64). Per-tensor or per-channel, as ``spec`` says; ranges as
     ``refimpl.calib`` returns them (0-d or 1-d).
     x: floating tensor.
+
+    Used in :ref:`ch3-sec-activations`.
     """
     check_float_tensor(x, "x")
     check_spec(spec)
@@ -101,6 +105,8 @@ def ema_minmax_trace(x: torch.Tensor, spec: QuantSpec, batch_size: int, averagin
     x: floating tensor (N, ...), the batches x[0:B], x[B:2B], ... (the last may be shorter).
     spec: per-tensor.  averaging_constant: c of ``ema_minmax``.
     Returns float32 (num_batches, 2): row t is (xmin, xmax) after batch t.
+
+    Used in :ref:`ch3-sec-running-ranges-ema-min-max`.
     """
     check_float_tensor(x, "x")
     check_per_tensor(spec, "ema_minmax_trace")

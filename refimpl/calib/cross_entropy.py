@@ -163,6 +163,8 @@ def cross_entropy(logits: torch.Tensor, spec: QuantSpec, class_axis: int = -1):
     spec.axis: None, or another axis than ``class_axis`` (the slices are then separate problems;
     a range per class would couple all classes through the softmax).
     Returns (xmin, xmax) float32, 0-d or 1-d (per slice along ``spec.axis``).
+
+    Used in :ref:`ch3-sec-the-last-layer-cross-entropy`.
     """
     check_spec(spec)
     check_float_tensor(logits, "logits")

@@ -2,7 +2,7 @@
 least information, as TensorRT (Migacz 2017, "8-bit Inference with TensorRT") and onnxruntime
 (``HistogramCollector``, method "entropy") define it; book chapter 3, "Range setting".
 
-* ``kl_tensorrt`` — symmetric ranges: TensorRT's histogram of |x| and its KL divergence.
+* ``kl_tensorrt`` — symmetric ranges: TensorRT's histogram of ``|x|`` and its KL divergence.
 * ``kl_onnxruntime`` — asymmetric ranges: onnxruntime's signed histogram, through
   ``entropy_onnxruntime`` (onnxruntime's threshold for one histogram), clipped to the data.
 """
@@ -35,7 +35,7 @@ def _xlogx(v: torch.Tensor) -> torch.Tensor:
 def tensorrt_divergences(hist: torch.Tensor, num_quantized_bins: int) -> torch.Tensor:
     """KL(P || Q) of Migacz's entropy calibration for every candidate bin count i (rows of hist).
 
-    hist: (C, B) float64 counts of |x| in B equal bins. Candidate i keeps bins [0, i),
+    hist: (C, B) float64 counts of ``|x|`` in B equal bins. Candidate i keeps bins [0, i),
     nqb <= i <= B. P: those bins, with the counts beyond folded into bin i - 1. Q: bins [0, i)
     merged into nqb groups (bin j into group floor(j * nqb / i)), each group's count spread
     evenly over the bins of the group where P is non-zero. KL(P || Q) with 0 log 0 = 0, inf
@@ -101,10 +101,10 @@ def _check_kl_args(spec, num_bins, num_quantized_bins, ignore_zeros, default: in
 def kl_tensorrt(x: torch.Tensor, spec: QuantSpec, num_bins: int = 2048, num_quantized_bins: int | None = None,
                 ignore_zeros: bool = False):
     """The symmetric clipping range [-t, t] minimising the KL divergence between the histogram of
-    |x| and its quantized version: TensorRT's entropy calibration (Migacz 2017, "8-bit Inference
+    ``|x|`` and its quantized version: TensorRT's entropy calibration (Migacz 2017, "8-bit Inference
     with TensorRT"; white paper §3.1 lists it among the range setters; book chapter 3).
 
-    A histogram of |x| over [0, max|x|] in ``num_bins`` bins; for every candidate threshold (bin
+    A histogram of ``|x|`` over [0, max|x|] in ``num_bins`` bins; for every candidate threshold (bin
     edge i >= num_quantized_bins) the reference P is bins [0, i) with the outliers beyond added
     to its last bin, and Q merges those bins into ``num_quantized_bins`` levels, each level's
     count spread over its non-zero bins of P; the threshold with the smallest KL(P || Q) wins
@@ -120,6 +120,8 @@ def kl_tensorrt(x: torch.Tensor, spec: QuantSpec, num_bins: int = 2048, num_quan
     x: floating tensor.  spec: symmetric (asymmetric: ``kl_onnxruntime``).  num_bins: >= 2
     (>= num_quantized_bins).  Rows (``spec.axis``) are calibrated one by one.
     Returns (xmin, xmax) float32, 0-d or 1-d.
+
+    Used in :ref:`ch3-sec-weights`.
     """
     check_spec(spec)
     if not spec.symmetric:
@@ -150,6 +152,8 @@ def kl_onnxruntime(x: torch.Tensor, spec: QuantSpec, num_bins: int = 2048, num_q
     x: floating tensor.  spec: asymmetric (symmetric: ``kl_tensorrt``).  num_bins: >= 2
     (>= num_quantized_bins).  Rows (``spec.axis``) are calibrated one by one.
     Returns (xmin, xmax) float32, 0-d or 1-d.
+
+    Used in :ref:`ch3-sec-activations`.
     """
     check_spec(spec)
     if spec.symmetric:

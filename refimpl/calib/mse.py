@@ -256,6 +256,8 @@ def mse(x: torch.Tensor, spec: QuantSpec):
     x: floating tensor (computed in float64).
     Returns (xmin, xmax) float32, 0-d or 1-d (per slice along ``spec.axis``); all-zero input
     gives (0, 0).
+
+    Used in :ref:`ch3-sec-why-the-range-matters-clipping`.
     """
     check_spec(spec)
     X = channel_rows(x, spec).to(torch.float64)

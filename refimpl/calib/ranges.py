@@ -23,6 +23,9 @@ def minmax(x: torch.Tensor, spec: QuantSpec):
 
     x: floating tensor (float16/bfloat16/float32/float64), any shape.
     Returns (xmin, xmax) float32, 0-d, or 1-d with one value per slice along ``spec.axis``.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-rounding`,
+    :ref:`ch3-sec-weights`.
     """
     check_spec(spec)
     lo, hi = torch.aminmax(widened(channel_rows(x, spec)), dim=1)
@@ -92,12 +95,14 @@ def percentile(x: torch.Tensor, spec: QuantSpec, q: float = 99.99):
     (e.g. Wu et al. 2020, "Integer Quantization for Deep Learning Inference"; a data-driven
     alternative to min-max, white paper §3.1).
 
-    Symmetric spec: [-t, t] with t the q-th percentile of |x|. Asymmetric spec: the (100 - q)-th
+    Symmetric spec: [-t, t] with t the q-th percentile of ``|x|``. Asymmetric spec: the (100 - q)-th
     and q-th percentiles of x (q >= 50). Percentiles interpolate linearly between order
     statistics, as ``numpy.percentile`` (method="linear"), exactly and for tensors of any size.
 
     x: floating tensor.  q: in (0, 100]; 100 gives min-max.
     Returns (xmin, xmax) float32, 0-d or 1-d (per slice along ``spec.axis``).
+
+    Used in :ref:`ch2-sec-clipping`, :ref:`ch3-sec-weights`.
     """
     check_spec(spec)
     q = check_real(q, "q", 0.0, 100.0, low_open=True)

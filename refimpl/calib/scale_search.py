@@ -2,7 +2,7 @@
 searches share (white paper, Nagel et al. 2021, §3.1; book chapter 3, "Range setting").
 
 For a zero point z the quantizer is x_hat = s * clamp(round(x / s), qmin - z, qmax - z): a value
-of magnitude a = |x| gets the code magnitude m(s) = min(round(a / s), cap), with cap = qmax - z
+of magnitude ``a = |x|`` gets the code magnitude m(s) = min(round(a / s), cap), with cap = qmax - z
 for x > 0 and z - qmin for x < 0. m(s) is piecewise constant in s, stepping by one at the
 "kinks" s = a / (k + 1/2); between kinks every code is fixed, so the squared error
 sum (a - s m)^2 is a quadratic in s and a softmax cross-entropy is a smooth convex function of s.

@@ -80,6 +80,8 @@ def integer_conv_operands(conv: nn.Conv2d, x: torch.Tensor, act_bits: int = 8,
     pairs from overflowing int16). conv: an ungrouped, undilated ``nn.Conv2d`` with square
     kernel, stride and padding and zero padding mode; x: float (N, C, H, W). The bias is not part
     of the integer GEMM. act_bits, weight_bits: 2..8.
+
+    Used in :ref:`ch4-sec-a-real-layer-through-a-kernel`.
     """
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -113,6 +115,8 @@ def torch_integer_conv(op: IntegerConv) -> np.ndarray:
 
     float64 represents every partial sum exactly while K * 2^14 < 2^53. Returns (N, O, H_out,
     W_out) int64.
+
+    Used in :ref:`ch4-sec-a-real-layer-through-a-kernel`.
     """
     out = torch.nn.functional.conv2d(op.x_codes.double(), op.w_codes_oihw.double(),
                                      stride=op.stride, padding=op.padding)
@@ -130,6 +134,8 @@ def torch_quantized_conv(op: IntegerConv, out_scale: float, out_zero_point: int 
     (FBGEMM) and activation codes above 127 the result departs from the exact one (measured
     here); PyTorch's x86 observers default to ``reduce_range=True`` (7-bit activations) for
     this reason. Returns (N, O, H_out, W_out) int64 codes in [-128, 127].
+
+    Used in :ref:`ch4-sec-a-real-layer-through-a-kernel`.
     """
     out_zero_point = check_int(out_zero_point, "out_zero_point", -128, 127)
     if not out_scale > 0:

@@ -27,16 +27,18 @@ def max_accumulations(a_bits: int, w_bits: int, acc_bits: int, *, a_signed: bool
     """Products of a_bits x w_bits integers a signed acc_bits lane holds without overflow, worst case.
 
     Convention: the accumulator starts at 0 and every product has the worst-case magnitude;
-    weights are signed w_bits (|w| <= 2^(w_bits-1)). Activations are signed a_bits
-    (|a| <= 2^(a_bits-1)) by default, or unsigned a_bits (a <= 2^a_bits - 1) with
-    ``a_signed=False``. Returns the largest N with N * max|a*w| <= 2^(acc_bits-1) - 1, so a
+    weights are signed w_bits (``|w| <= 2^(w_bits-1)``). Activations are signed a_bits
+    (``|a| <= 2^(a_bits-1)``) by default, or unsigned a_bits (a <= 2^a_bits - 1) with
+    ``a_signed=False``. Returns the largest N with ``N * max|a*w| <= 2^(acc_bits-1) - 1``, so a
     positive run of N products never wraps (a negative run has one more unit of room).
-    Worst-case |product|: signed x signed = 2^(a-1) * 2^(w-1) (from MIN*MIN); unsigned a
+    Worst-case ``|product|``: signed x signed = 2^(a-1) * 2^(w-1) (from MIN*MIN); unsigned a
     gives (2^a - 1) * 2^(w-1).
 
     Examples: int8 x int8 into int16 -> 1 (2 * 16384 > 32767). DSQ's figures for MLA into
     int8 lanes (31 / 7 / 1 at 2 / 3 / 4 bits, issue 4) are reproduced by signed x signed with
     N * 2^(2b-2) <= 127: 2-bit 127 // 4 = 31, 3-bit 127 // 16 = 7, 4-bit 127 // 64 = 1.
+
+    Used in :ref:`ch4-sec-why-accumulators-overflow`.
     """
     for name, v in (("a_bits", a_bits), ("w_bits", w_bits), ("acc_bits", acc_bits)):
         if not isinstance(v, int) or isinstance(v, bool):

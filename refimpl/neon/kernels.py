@@ -339,6 +339,8 @@ def generate_kernel(kernel: str, k: int, *, tile=None, bits=None, accumulations=
 
     Arguments are validated as in :func:`run_gemm`; ``k`` is the GEMM depth. Returns a
     :class:`KernelProgram` (``asm``, padded depth, K-step, cycle-accounting pieces).
+
+    Used in :ref:`ch4-sec-four-kernels`.
     """
     kernel, mr, nr, bits, acc_n, unroll = _check_config(kernel, tile, bits, accumulations, unroll,
                                                         requant)
@@ -497,6 +499,8 @@ def quantize_multiplier(real_scale: float) -> tuple[int, int]:
     [0.5, 1), ``multiplier = round(q * 2**31)`` in [2^30, 2^31 - 1] (a rounding up to 2^31
     halves it and increments shift), ``shift <= 0`` meaning a rounding right shift by -shift
     after SQRDMULH. Scales >= 1 (a left shift) are not supported by the kernels' epilogue.
+
+    Used in :ref:`ch4-sec-a-real-layer-through-a-kernel`.
     """
     real_scale = float(real_scale)
     if not 0.0 < real_scale < 1.0:
@@ -717,6 +721,8 @@ def run_gemm(A, B, kernel: str = "sdot", core: str = "cortex-a55", bits=None, tr
     ``trace=True`` runs the kernel on a :class:`~refimpl.neon.Machine` for every tile (small
     sizes); ``trace=False`` computes the same bits in numpy and cycles from per-tile accounting.
     Raises :class:`~refimpl.neon.FeatureError` for sdot on a core without dotprod.
+
+    Used in :ref:`ch4-sec-what-a-bit-costs-cycles-per`.
     """
     if core not in CORES:
         raise ValueError(f"core must be one of {CORES}, got {core!r}")

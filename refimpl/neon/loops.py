@@ -290,7 +290,10 @@ def compare_recorded(record: dict) -> list[dict]:
     """Rows of :func:`compare_with_llvm_mca` from recorded llvm-mca figures (the JSON written by
     ``tools/record_llvm_mca.py``: ``record["rows"]`` with ``loop``, ``core``, ``variant``,
     ``text``, ``mca``); ``ours`` is computed now by :func:`steady_state_cycles` on the same text.
-    Loop names are those of :data:`LOOPS` prefixed ``loop:``, or of :func:`gemm_loops`."""
+    Loop names are those of :data:`LOOPS` prefixed ``loop:``, or of :func:`gemm_loops`.
+
+    Used in :ref:`ch4-sec-how-far-to-trust-the-cycle`.
+    """
     rows = []
     for r in record["rows"]:
         why = reasons(r["loop"], r["core"], r["variant"])
@@ -302,7 +305,10 @@ def compare_recorded(record: dict) -> list[dict]:
 
 
 def agreement_summary(rows: list[dict]) -> dict:
-    """``{"pairs", "median", "max"}`` of |rel_err| over the unmarked rows (fractions)."""
+    """``{"pairs", "median", "max"}`` of ``|rel_err|`` over the unmarked rows (fractions).
+
+    Used in :ref:`ch4-sec-how-far-to-trust-the-cycle`.
+    """
     errs = [abs(r["rel_err"]) for r in rows if not r["marked"] and r["rel_err"] is not None]
     if not errs:
         raise ValueError("rows has no unmarked pair with an error")
@@ -311,7 +317,7 @@ def agreement_summary(rows: list[dict]) -> dict:
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of :func:`compare_with_llvm_mca` rows, with the median and maximum
-    |error| over the unmarked rows."""
+    ``|error|`` over the unmarked rows."""
     lines = [f"{'kernel':20s} {'core':11s} {'variant':11s} {'ours':>7s} {'mca':>7s} {'err':>7s}  marked"]
     for r in rows:
         ours = "-" if r["ours"] is None else f"{r['ours']:.2f}"

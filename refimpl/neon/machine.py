@@ -24,6 +24,11 @@ __all__ = ["Machine", "RunStats", "CORES", "CORE_FEATURES", "FEATURES", "INSTRUC
            "FeatureError", "lanes"]
 
 CORES = ("cortex-a53", "cortex-a55", "cortex-a72", "cortex-a76")
+"""The cores the simulator and its cycle model know: ``Machine(core=...)`` takes one of them;
+``CORE_FEATURES`` gives the architecture extensions each has.
+
+Used in :ref:`ch4-sec-what-a-bit-costs-cycles-per`.
+"""
 # Architecture extensions beyond ARMv8.0 AdvSIMD that the subset uses, per core: A53 and A72
 # are ARMv8.0; A55 and A76 are ARMv8.2 and implement the optional dot-product extension.
 FEATURES = {"dotprod": "the dot-product extension (FEAT_DotProd; optional from ARMv8.2)"}
@@ -43,7 +48,10 @@ _DT = {(1, True): "<i1", (2, True): "<i2", (4, True): "<i4", (8, True): "<i8",
 
 def lanes(reg: np.ndarray, arrangement: str, signed: bool = True) -> np.ndarray:
     """View of a (16,) uint8 register as the lanes of ``arrangement`` ('8b'..'2d', or an element
-    size 'b'/'h'/'s'/'d' for the whole 128 bits), little-endian; a view, so writes go through."""
+    size 'b'/'h'/'s'/'d' for the whole 128 bits), little-endian; a view, so writes go through.
+
+    Used in :ref:`ch4-sec-registers-lanes-and`.
+    """
     if arrangement in ARRANGEMENTS:
         e, n = ARRANGEMENTS[arrangement]
     elif arrangement in ELEM_BYTES:
@@ -73,6 +81,8 @@ class Machine:
     bools, persisting across :meth:`run` calls like the registers. An x register
     used as an address indexes ``mem`` directly (address 0 is ``mem[0]``); an access reaching
     outside ``mem`` raises ``IndexError`` naming the line and instruction, before any writeback.
+
+    Used in :ref:`ch4-sec-registers-lanes-and`.
     """
 
     def __init__(self, core: str = "cortex-a55", mem_size: int = 65536):

@@ -2,7 +2,7 @@
 white paper Nagel et al. 2021 §3.4 "AdaRound").
 
 Rounding to nearest is not optimal for the task loss; AdaRound learns, per weight, whether to
-round down or up, by minimising a layer's local output reconstruction error (AdaRound eqs. 25-26):
+round down or up, by minimising a layer's local output reconstruction error (AdaRound eqs. 25-26)::
 
     argmin_V  || f_a(W x) - f_a(W_soft(V) x_hat) ||^2  +  lambda * f_reg(V)
 
@@ -11,6 +11,7 @@ round down or up, by minimising a layer's local output reconstruction error (Ada
     f_reg(V)  = sum_ij 1 - |2 h(V_ij) - 1|^beta                                                 (eq. 24)
 
 Choices made here:
+
 * x_hat, the layer's input, comes from the already-quantized model: earlier layers with their
   learned (hard) rounding and the activation quantizers in their current state (calibrate
   first); W x comes from the FP32 model on the same calibration images (the paper's asymmetric

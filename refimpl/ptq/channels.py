@@ -32,13 +32,15 @@ def input_index(layer: nn.Module) -> torch.Tensor:
 
 
 def weight_ranges(layer: nn.Module, side: str = "out", weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-channel weight range r_i = max |W| over the entries of channel i (DFQ §4.1).
+    """Per-channel weight range ``r_i = max |W|`` over the entries of channel i (DFQ §4.1).
 
     side="out": per output channel (C_out,); side="in": per input channel (C_in,) — for a
     grouped/depthwise conv, the entries of all output channels that read input channel i.
     weight: use this tensor (the layer's weight shape) instead of ``layer.weight``.
     Returns a detached tensor in the weight's dtype. (Positive per-channel scaling scales
     max|W| and max-min alike, so CLE equalizes either definition.)
+
+    Used in :ref:`ch5-sec-per-tensor-weights-and-the`.
     """
     if not is_weight_layer(layer):
         raise TypeError(f"layer must be a Conv1d/Conv2d/Conv3d/Linear, got {type(layer).__name__}")

@@ -87,7 +87,7 @@ class CLEPair:
 
     @property
     def proportionality_error(self) -> float:
-        """max_i |r1_i/R1 - r2_i/R2| after CLE: 0 at DFQ's optimum (§4.1, appendix A)."""
+        """``max_i |r1_i/R1 - r2_i/R2|`` after CLE: 0 at DFQ's optimum (§4.1, appendix A)."""
         a = self.ranges1_after / self.ranges1_after.max()
         b = self.ranges2_after / self.ranges2_after.max()
         return float((a - b).abs().max())
@@ -98,7 +98,7 @@ class CLEReport:
     """What ``cross_layer_equalization`` did.
 
     chains: the equalized layer chains; pairs: one ``CLEPair`` per consecutive pair;
-    iterations / converged: sweeps over the pairs until max_i |log s_i| < tol;
+    iterations / converged: sweeps over the pairs until ``max_i |log s_i| < tol``;
     relu6_replaced: ReLU6 modules (or functional calls, by node name) replaced by ReLU;
     output_scales: {layer: s} with new output channel i = old output channel i / s_i
     (cumulative over the iterations) — see ``rescale_bn_statistics``.
@@ -144,7 +144,7 @@ def cross_layer_equalization(model: nn.Module, iterations: int = 100, tol: float
     input channel i, s_i = sqrt(r1_i r2_i) / r2_i (DFQ §4.1; white paper eq. 22); W1 <- S^-1 W1, b1 <- S^-1 b1,
     W2 <- W2 S, after which both ranges are sqrt(r1_i r2_i). Because ReLU(x/s) = ReLU(x)/s for
     s > 0 the function is unchanged. Pairs are swept in order until every scale satisfies
-    max |log s_i| < tol or ``iterations`` sweeps are done (chains of more than two layers
+    ``max |log s_i| < tol`` or ``iterations`` sweeps are done (chains of more than two layers
     need several sweeps; a single pair converges in one). Channels with a zero range keep s=1.
 
     ReLU6 is not positively homogeneous (min(x/s, 6) != min(x, 6)/s). relu6="replace" (the DFQ
@@ -155,6 +155,8 @@ def cross_layer_equalization(model: nn.Module, iterations: int = 100, tol: float
 
     Returns the new ``torch.fx.GraphModule`` (eval mode), or (model, CLEReport) when
     ``return_report``. The input model is not modified.
+
+    Used in :ref:`ch5-sec-per-tensor-weights-and-the`.
     """
     iterations = check_int(iterations, "iterations", low=1)
     if not (isinstance(tol, (int, float)) and tol > 0):

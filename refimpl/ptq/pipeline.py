@@ -64,6 +64,7 @@ def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantC
     """Post-training quantization of ``fp_model`` as the white paper's standard pipeline does.
 
     Steps (the white paper's standard PTQ pipeline), each optional where the paper makes it so:
+
     1. fold BatchNorm (§2.3.1) and, with ``cle``, cross-layer equalization, then with
        ``bias_absorption`` high-bias absorption from the folded BNs' statistics;
     2. insert quantizers (``config``; the paper sets weight ranges with MSE:
@@ -73,12 +74,15 @@ def standard_pipeline(fp_model: nn.Module, x_calib: torch.Tensor, config: QuantC
        "empirical" (on ``x_calib``) or "analytic" (from BN statistics) — the paper uses bias
        correction where AdaRound is not run;
     5. activation ranges are set again, since steps 4 changed the weights.
+
     The paper sets activation ranges last; we also set them before AdaRound because AdaRound's
     layer inputs come from the quantized model with its activation quantizers on.
 
     fp_model: float model (any fx-traceable model of Conv/Linear/BN/ReLU(6)/adds); untouched.
-    x_calib: float (N, *input_shape) calibration inputs. ``progress``: show the progress of each
+    x_calib: float ``(N, *input_shape)`` calibration inputs. ``progress``: show the progress of each
     step. Returns a :class:`PipelineResult`.
+
+    Used in :ref:`ch5-sec-adaround-learning-to-round`.
     """
     if not isinstance(fp_model, nn.Module):
         raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
@@ -158,11 +162,14 @@ def pipeline_accuracies(fp_model: nn.Module, data, config: QuantConfig, endings:
                         cle: bool = True, bias_absorption: bool = True, adaround_kw: dict | None = None,
                         progress: bool = True) -> dict:
     """Test accuracies (%) of several pipelines that differ only in their last steps:
-    {name: pipeline_accuracy(fp_model, data, config, cle=cle, bias_absorption=bias_absorption,
-    adaround_kw=adaround_kw, **ending)} for ``endings`` {name: {"adaround": bool, "bias_correction":
+    ``{name: pipeline_accuracy(fp_model, data, config, cle=cle, bias_absorption=bias_absorption,
+    adaround_kw=adaround_kw, **ending)}`` for ``endings`` {name: {"adaround": bool, "bias_correction":
     ...}} ("adaround" required; no "bias_correction": none). The common steps (BN folding, CLE,
     absorption, quantizers, activation ranges) run once; each ending continues from a copy, so the
-    numbers are those of separate :func:`pipeline_accuracy` calls (tests/test_pipeline.py)."""
+    numbers are those of separate :func:`pipeline_accuracy` calls (tests/test_pipeline.py).
+
+    Used in :ref:`ch5-sec-per-tensor-weights-and-the`.
+    """
     if not isinstance(fp_model, nn.Module):
         raise TypeError(f"fp_model must be an nn.Module, got {type(fp_model).__name__}")
     if not isinstance(config, QuantConfig):
@@ -195,6 +202,8 @@ def quantization_sensitivity(qmodel: nn.Module, x: torch.Tensor, y: torch.Tensor
     layer's weights quantized}, "sites": {site: accuracy with only that activation quantizer on}}.
     Each quantizer's on/off state is restored afterwards. qmodel: from
     :func:`refimpl.qmodel.quantize_model`, calibrated; x float (N, ...), y int64 (N,).
+
+    Used in :ref:`ch5-sec-the-results-table`.
     """
     before_w = {n: q.enabled for n, q in weight_quantizers(qmodel).items()}
     before_a = {n: q.state for n, q in act_quantizers(qmodel).items()}

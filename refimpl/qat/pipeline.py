@@ -79,6 +79,8 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     "before_reestimation_acc" (with ``bn_reestimation``) and "merge_clamped" (weight codes
     clamped by the merge, see ``merge_bn``), "seconds": wall time of the whole pipeline, "cpu_seconds": its
     process CPU time (all threads; equals the wall time on an idle machine with one thread)}.
+
+    Used in :ref:`ch6-sec-the-qat-pipeline`.
     """
     epochs, lr, quant_lr, batch_size, seed = _check_args(
         fp_model, data, config, trainable, epochs, lr, quant_lr, batch_size, seed, bn, bn_reestimation,

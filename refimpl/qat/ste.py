@@ -126,6 +126,8 @@ def gradient_check(x: torch.Tensor, scale: float, zero_point: int, spec: QuantSp
     x: 1-d floating tensor. Returns a dict of float64 tensors of x's shape: "x", "region"
     (int64, 0 below / 1 inside / 2 above), "margin", and for each of "paper", "autograd",
     "fd_surrogate", "fd_true" a dict {"x": ..., "scale": ..., "zero_point": ...}.
+
+    Used in :ref:`ch6-sec-the-straight-through-estimator`.
     """
     check_float_tensor(x, "x")
     if not isinstance(spec, QuantSpec):

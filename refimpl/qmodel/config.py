@@ -22,30 +22,34 @@ ACT_RANGES = tuple(KEPT_SAMPLES)
 class QuantConfig:
     """How a model is quantized (white paper §2.2 grids, §3.1 range setting, §3 PTQ).
 
-    weight_bits:        1..16.
-    act_bits:           1..16, or None for no activation quantizers (weight-only).
-    weight_per_channel: one scale per output channel (axis 0 of Conv/Linear weights), white
-                        paper §2.2.2; else one per tensor.
-    weight_symmetric:   symmetric signed weight grid (zero_point 0); else asymmetric.
-    weight_narrow_range: drop the most negative weight code ([-127, 127] at 8 bits).
-    act_symmetric:      symmetric activation grid for signed sites; unsigned sites (ReLU outputs)
-                        always use [0, 2^b - 1] with zero_point 0, which is what both choices give
-                        for a non-negative tensor.
-    weight_range_method: "minmax" | "mse": the range method on the weight tensor (refimpl.calib).
-    act_range_method:   "minmax" | "mse" | "percentile": on the calibration activations.
-    act_percentile:     q for "percentile" (in [50, 100]).
-    act_samples:        values per site kept for "mse" (randomly subsampled: calib.mse costs
-                        ~10-20 us per value) and 100x that for "percentile".
-    keep_fp:            names of Conv/Linear layers whose weights and outputs stay in float.
-    layer_weight_bits:  {layer name: bits} overriding ``weight_bits`` for those layers (mixed
-                        precision; e.g. the common convention of 8-bit first and last layers, see
-                        :func:`refimpl.qmodel.first_last_bits`). Accepts a dict; stored as sorted pairs.
-    site_act_bits:      {activation site name: bits} overriding ``act_bits`` at those sites
-                        (site names as listed by ``act_quantizers``: "input", a layer's name, ...).
-    seed:               seed of the activation subsampling.
-    weight_quantizer, act_quantizer: the quantizer kind of the weights and of the activations,
-                        a name in ``refimpl.qmodel.quantizer_kinds()`` ("fixed": the grid set by the
-                        range method; "ste", "lsq": learned during QAT, see ``set_trainable``).
+    ::
+
+        weight_bits:        1..16.
+        act_bits:           1..16, or None for no activation quantizers (weight-only).
+        weight_per_channel: one scale per output channel (axis 0 of Conv/Linear weights), white
+                            paper §2.2.2; else one per tensor.
+        weight_symmetric:   symmetric signed weight grid (zero_point 0); else asymmetric.
+        weight_narrow_range: drop the most negative weight code ([-127, 127] at 8 bits).
+        act_symmetric:      symmetric activation grid for signed sites; unsigned sites (ReLU outputs)
+                            always use [0, 2^b - 1] with zero_point 0, which is what both choices give
+                            for a non-negative tensor.
+        weight_range_method: "minmax" | "mse": the range method on the weight tensor (refimpl.calib).
+        act_range_method:   "minmax" | "mse" | "percentile": on the calibration activations.
+        act_percentile:     q for "percentile" (in [50, 100]).
+        act_samples:        values per site kept for "mse" (randomly subsampled: calib.mse costs
+                            ~10-20 us per value) and 100x that for "percentile".
+        keep_fp:            names of Conv/Linear layers whose weights and outputs stay in float.
+        layer_weight_bits:  {layer name: bits} overriding ``weight_bits`` for those layers (mixed
+                            precision; e.g. the common convention of 8-bit first and last layers, see
+                            refimpl.qmodel.first_last_bits). Accepts a dict; stored as sorted pairs.
+        site_act_bits:      {activation site name: bits} overriding ``act_bits`` at those sites
+                            (site names as listed by ``act_quantizers``: "input", a layer's name, ...).
+        seed:               seed of the activation subsampling.
+        weight_quantizer, act_quantizer: the quantizer kind of the weights and of the activations,
+                            a name in ``refimpl.qmodel.quantizer_kinds()`` ("fixed": the grid set by the
+                            range method; "ste", "lsq": learned during QAT, see ``set_trainable``).
+
+    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch6-sec-the-qat-pipeline`.
     """
 
     weight_bits: int = 8

@@ -25,7 +25,10 @@ def _check_qmodel(qmodel):
 
 
 def quant_layers(qmodel: nn.Module) -> dict:
-    """{layer name: QuantConv1d/2d/3d or QuantLinear module} in module order."""
+    """{layer name: QuantConv1d/2d/3d or QuantLinear module} in module order.
+
+    Used in :ref:`ch5-sec-where-the-quantizers-go`.
+    """
     _check_qmodel(qmodel)
     return {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
 
@@ -36,7 +39,10 @@ def weight_quantizers(qmodel: nn.Module) -> dict:
 
 
 def act_quantizers(qmodel: nn.Module) -> dict:
-    """{site name: ActQuantizer} in graph (topological) order; site names as ``quantize_model`` gives them."""
+    """{site name: ActQuantizer} in graph (topological) order; site names as ``quantize_model`` gives them.
+
+    Used in :ref:`ch5-sec-where-the-quantizers-go`.
+    """
     _check_qmodel(qmodel)
     return {m.site: m for m in qmodel.modules() if isinstance(m, ActQuantizer)}
 
@@ -49,6 +55,8 @@ def calibrate(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None
     quantizers observing (passing float activations through), then each site's range is set by
     its range method (``QuantConfig.act_range_method``). Afterwards the sites quantize (those
     that were "off" stay off).
+
+    Used in :ref:`ch5-sec-the-results-table`.
     """
     _check_qmodel(qmodel)
     check_float_tensor(x, "x")
@@ -168,8 +176,8 @@ def merge_bn(qmodel: torch.fx.GraphModule, return_report: bool = False):
 
     Eval-mode BN is y = a * z + c per channel (a = gamma / sqrt(var + eps), c = beta - a * mean).
     With per-channel symmetric weights W_hat = s * q (codes q, zero point 0), a * W_hat =
-    (s * |a|) * (sign(a) * q): the merged layer has the same integer codes up to sign, scale
-    s * |a| and bias a * b + c, so it computes the same function -- except where a < 0 and a
+    ``(s * |a|) * (sign(a) * q)``: the merged layer has the same integer codes up to sign, scale
+    ``s * |a|`` and bias a * b + c, so it computes the same function -- except where a < 0 and a
     code equals qmin, whose negation -qmin = qmax + 1 is off the grid and clamps to qmax (one
     step off; a narrow-range grid avoids it). The weights become their quantized values
     (the float latent weights of QAT are not needed after training); activation quantizers are

@@ -36,6 +36,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn:
       from the weight now (static ranges, ``config.weight_range_method``);
     * ``ActQuantizer`` modules (in the ``act_quant`` ModuleDict), inserted uncalibrated (run
       ``calibrate`` before using them), sit at these *sites*:
+
         - the model input (``"input"``; ``"input_<arg>"`` for several inputs), unless only
           kept-in-float layers read it;
         - the output of every quantized layer (site name = the layer's name), after the
@@ -43,6 +44,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn:
         - the output of a residual addition of two tensors, after its ReLU/ReLU6 if that is the
           add's only user (site name = that ReLU module's name, or the fx node name, "add_1");
         - the output of average pooling, which leaves the input's grid.
+
       Max pooling, flatten/reshape/view, dropout, identity and every other op pass through
       unquantized: their inputs carry the quantizers of their producers. A site whose tensor is
       non-negative by construction (a ReLU output, an add or average of such tensors) gets an
@@ -56,6 +58,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn:
     The input model is not modified; the result is in eval mode, on the model's device. Raises
     ValueError for BatchNorm layers (fold them first: ``refimpl.fold.fold_all_bn``), unknown
     ``keep_fp`` / ``layer_weight_bits`` / ``site_act_bits`` names, or a model torch.fx cannot trace.
+
+    Used in :ref:`ch5-sec-where-the-quantizers-go`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -204,6 +208,8 @@ def first_last_bits(model: nn.Module, config: QuantConfig, bits: int = 8) -> Qua
     bit-width for all layers, §2.4): the first layer reads raw data, which 4 bits cannot resolve,
     and the last produces the logits, while the two together cost little of the compute.
     ``model``: the BN-free model that will be passed to ``quantize_model``.
+
+    Used in :ref:`ch6-sec-where-w4a4-loses-the-first-and`.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")

@@ -46,6 +46,7 @@ class QuantizerKind:
     """How a quantizer fake-quantizes: one instance per kind, shared by every quantizer of it.
 
     Override:
+
     * ``name``: the registry name;
     * ``learnable(q)``: the names of ``q``'s tensors that are trained (nn.Parameters), among
       ``scale``, ``zero_point`` and the ones ``init`` creates; () for a fixed quantizer;

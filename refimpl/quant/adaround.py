@@ -2,6 +2,8 @@
 (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization", arXiv
 2004.10568, eqs. 22-24).
 
+::
+
     W_soft = scale * (clamp(floor(W / scale) + h + zero_point, qmin, qmax) - zero_point)   (eq. 22)
     h(V)   = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1),  zeta = 1.1, gamma = -0.1    (eq. 23)
     f_reg  = sum 1 - |2 h(V) - 1|^beta                                                      (eq. 24)
@@ -38,7 +40,7 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 
 def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
-    """f_reg = sum 1 - |2 h(V) - 1|^beta (eq. 24): 0 when every h is 0 or 1. 0-d."""
+    """``f_reg = sum 1 - |2 h(V) - 1|^beta`` (eq. 24): 0 when every h is 0 or 1. 0-d."""
     return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
 
 

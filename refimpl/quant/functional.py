@@ -51,13 +51,18 @@ def qparams(xmin, xmax, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
 
     PyTorch observers' convention (``torch.ao.quantization.observer.UniformQuantizationObserverBase
     ._calculate_qparams``): the range is first widened to contain 0, so that zero is exactly
-    representable (white paper §2.2, "zero-point"); then
+    representable (white paper §2.2, "zero-point"); then::
+
       symmetric:  scale = max(-xmin, xmax) / ((qmax - qmin) / 2),  zero_point = spec.symmetric_zero_point
       asymmetric: scale = (xmax - xmin) / (qmax - qmin),           zero_point = qmin - round(xmin / scale)
+
     with scale floored at float32 eps (so an all-zero range gives a valid quantizer).
 
     xmin, xmax: floats or float tensors, 0-d for ``spec.axis is None``, 1-d (one per channel) otherwise.
     Returns scale (float32) and zero_point (int32), both 0-d or both 1-d, on xmin's device.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-the-affine-map`,
+    :ref:`ch3-sec-the-last-layer-cross-entropy`.
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -96,11 +101,15 @@ def round_to_int(v: torch.Tensor, rounding: str = "half_even", generator: torch.
                  ) -> torch.Tensor:
     """Round a floating tensor to integral values (same dtype).
 
-    half_even:  ties to even (IEEE default; ``torch.round``, C's ``nearbyint``).
-    half_away:  ties away from zero (C's ``round``).
-    floor:      towards -inf.
-    stochastic: floor(v) + Bernoulli(v - floor(v)), so E[round(v)] = v (Gupta et al. 2015, §3);
-                uniforms drawn from ``generator`` (on v's device) when given.
+    ::
+
+        half_even:  ties to even (IEEE default; ``torch.round``, C's ``nearbyint``).
+        half_away:  ties away from zero (C's ``round``).
+        floor:      towards -inf.
+        stochastic: floor(v) + Bernoulli(v - floor(v)), so E[round(v)] = v (Gupta et al. 2015, §3);
+                    uniforms drawn from ``generator`` (on v's device) when given.
+
+    Used in :ref:`ch2-sec-stochastic-rounding`.
     """
     check_choice(rounding, "rounding", ROUNDING_MODES)
     if rounding == "half_even":
@@ -271,6 +280,8 @@ def quantize(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: str 
 
     x: floating tensor, any shape.  scale, zero_point: as returned by ``qparams``.
     Returns an integer tensor of x's shape in ``spec.storage_dtype`` (int8/uint8 up to 8 bits).
+
+    Used in :ref:`ch1-sec-symmetric-and-asymmetric-grids`, :ref:`ch2-sec-the-affine-map`.
     """
     return _codes(x, scale, zero_point, spec, rounding, generator, need_mask=False)[0]
 
@@ -290,6 +301,8 @@ def dequantize(q: torch.Tensor, scale, zero_point, spec: QuantSpec, dtype: torch
     """Real values x_hat = scale * (q - zero_point) (white paper eq. 6).
 
     q: integer tensor of codes on ``spec``'s grid. Returns a tensor of q's shape in ``dtype``.
+
+    Used in :ref:`ch2-sec-the-affine-map`.
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -342,6 +355,9 @@ def fake_quant(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: st
     constants here; ``lsq_fake_quant`` learns the step size.
 
     x: floating tensor (float16/bfloat16/float32/float64), any shape. Returns x's shape and dtype.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-the-affine-map`,
+    :ref:`ch3-sec-the-last-layer-cross-entropy`.
     """
     check_float_tensor(x, "x")
     check_choice(rounding, "rounding", ROUNDING_MODES)

@@ -89,6 +89,8 @@ def integer_conv2d(qx: torch.Tensor, qw: torch.Tensor, stride: int = 1, padding:
     of K = C * kh * kw input codes, multiplied by the (K, O) weight matrix. Zero padding inserts
     the code 0, which is real zero only for zero-point-free codes: subtract zero-points first.
     qx: (N, C, H, W) and qw: (O, C, kh, kw) integer tensors. Returns (N, O, H_out, W_out) int64.
+
+    Used in :ref:`ch2-sec-overflow`.
     """
     _check_int_tensor(qx, "qx")
     _check_int_tensor(qw, "qw")

@@ -19,6 +19,8 @@ def pow2_levels(bits: int, max_abs: float) -> torch.Tensor:
     networks using logarithmic data representation"; the "PoT" grid of Li et al. 2020, APoT).
     At 4 bits: 0, +-max_abs * {1, 1/2, ..., 1/64}, 15 levels, as many as a narrow 4-bit uniform grid.
     bits: 2..16; max_abs > 0. Returns a float64 1-d tensor of 2^b - 1 increasing levels.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`.
     """
     bits = check_int(bits, "bits", 2, 16)
     if not isinstance(max_abs, (int, float)) or isinstance(max_abs, bool) or not (0 < max_abs < math.inf):
@@ -35,6 +37,8 @@ def quantize_to_levels(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     goes to the one of smaller magnitude (towards zero). Distances are computed in float64.
     x: floating tensor, any shape; levels: 1-d real tensor, distinct values in increasing order.
     Returns a tensor of x's shape and dtype holding levels.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`.
     """
     check_float_tensor(x, "x")
     check_float_tensor(levels, "levels")

@@ -15,14 +15,19 @@ MAX_BITS = 16
 class QuantSpec:
     """What a uniform quantizer's integer grid is (white paper, Nagel et al. 2021, §2.2).
 
-    bits:          1..16, the width of the integer codes.
-    signed:        codes in [-2^(b-1), 2^(b-1) - 1] (True) or [0, 2^b - 1] (False).
-    symmetric:     zero_point fixed (0 for a signed grid, the grid's middle for an unsigned one)
-                   and the range set by max|x|; otherwise asymmetric (affine) with a free zero_point.
-    narrow_range:  drop the most negative code, so a signed grid is symmetric around 0
-                   ([-127, 127] at 8 bits); an unsigned grid starts at 1.
-    axis:          None for one (scale, zero_point) per tensor; an int for one per slice along
-                   that dimension (per-channel).
+    ::
+
+        bits:          1..16, the width of the integer codes.
+        signed:        codes in [-2^(b-1), 2^(b-1) - 1] (True) or [0, 2^b - 1] (False).
+        symmetric:     zero_point fixed (0 for a signed grid, the grid's middle for an unsigned one)
+                       and the range set by max|x|; otherwise asymmetric (affine) with a free zero_point.
+        narrow_range:  drop the most negative code, so a signed grid is symmetric around 0
+                       ([-127, 127] at 8 bits); an unsigned grid starts at 1.
+        axis:          None for one (scale, zero_point) per tensor; an int for one per slice along
+                       that dimension (per-channel).
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-the-affine-map`,
+    :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch6-sec-the-straight-through-estimator`.
     """
 
     bits: int = 8

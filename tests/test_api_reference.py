@@ -83,7 +83,7 @@ CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 REF = re.compile(r":ref:`(?:[^`<]*<)?([^`<>]+)>?`")
 # Imported by a chapter's set-up cell but never called there, so no section uses it:
 # (chapter, name) pairs; remove one when the chapter uses the name or drops the import.
-IMPORTED_UNUSED = {("05_whitepaper_ptq", "bn_statistics")}
+IMPORTED_UNUSED: set[tuple[str, str]] = set()
 
 
 def chapter_targets() -> set[str]:

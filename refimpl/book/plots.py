@@ -196,6 +196,10 @@ def glue_figure(name: str, fig) -> None:
     The one way a chapter hands a figure to the book: the figure is shown where the prose places
     it, numbered and captioned, never as a stray cell output. name: the glue key, by convention
     the figure's label ("ch5-fig-cle"). Needs myst-nb (the ``book`` extra).
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-rounding`,
+    :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-what-a-bit-costs-cycles-per`,
+    :ref:`ch5-sec-per-tensor-weights-and-the`, :ref:`ch6-sec-the-qat-pipeline`.
     """
     import matplotlib.pyplot as plt
     from myst_nb import glue

@@ -92,6 +92,10 @@ def check_claims(claims) -> int:
     Executing the chapter afresh (``make test``) then fails where a change of numbers made a
     sentence false, instead of leaving a page that contradicts its own table.
     Returns the number of statements checked.
+
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-rounding`,
+    :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-why-accumulators-overflow`,
+    :ref:`ch5-sec-per-tensor-weights-and-the`, :ref:`ch6-sec-the-straight-through-estimator`.
     """
     from collections.abc import Mapping
 

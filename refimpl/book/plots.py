@@ -191,7 +191,7 @@ def check_figure(fig) -> None:
 
 
 def glue_figure(name: str, fig) -> None:
-    """Check ``fig`` (:func:`check_figure`), glue it under ``name`` for a ``{glue:figure}``, close it.
+    """Check ``fig`` (:func:`check_figure`), glue it under ``name`` for a glued-figure block, close it.
 
     The one way a chapter hands a figure to the book: the figure is shown where the prose places
     it, numbered and captioned, never as a stray cell output. name: the glue key, by convention

@@ -80,7 +80,7 @@ def quantization_mse(x: torch.Tensor, spec: QuantSpec, clip_values) -> torch.Ten
 def aciq_mse(alpha, bits: int, dist: str) -> torch.Tensor:
     """ACIQ's analytic quantization MSE of unit-variance data clipped to [-alpha, alpha]
     (Banner et al. 2019, "Post training 4-bit quantization of convolutional networks for
-    rapid-deployment", §4, eqs. for the Laplace and Gaussian priors):
+    rapid-deployment", §4, eqs. for the Laplace and Gaussian priors)::
 
         E[(X - Q(X))^2] ~ clipping(alpha) + alpha^2 / (3 * 4^M)
 

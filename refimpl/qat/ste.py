@@ -32,7 +32,7 @@ def ste_gradients(x: torch.Tensor, scale, zero_point, spec: QuantSpec
     clipped (the section's gradient equation). Differentiating eq. 7 the same way w.r.t. the
     quantization parameters gives the scale and zero-point gradients used when they are learned
     (§4.1 points to LSQ, Esser et al. 2020, eq. 3, for s; LSQ+, Bhalgat et al. 2020, for the
-    offset). With v = x/s + z, the regions are the paper's case split on the *unrounded* value:
+    offset). With v = x/s + z, the regions are the paper's case split on the *unrounded* value::
 
         region               d x_hat/dx   d x_hat/ds               d x_hat/dz
         inside  qmin<=v<=qmax     1       round(x/s) - x/s              0

@@ -1,6 +1,6 @@
 """Uniform quantization as pure tensor math: quantization parameters, rounding, (fake) quantization.
 
-Notation of the white paper (Nagel et al. 2021, §2.2, eqs. 4-7): a real ``x`` maps to the integer
+Notation of the white paper (Nagel et al. 2021, §2.2, eqs. 4-7): a real ``x`` maps to the integer ::
 
     q = clamp(round(x / scale) + zero_point, qmin, qmax)                  (eqs. 4-5)
     x_hat = scale * (q - zero_point)                                      (eq. 6)
@@ -429,7 +429,7 @@ class _LSQ(torch.autograd.Function):
 def lsq_fake_quant(x: torch.Tensor, step_size: torch.Tensor, spec: QuantSpec, grad_scale: float = 1.0,
                    offset: torch.Tensor | None = None) -> torch.Tensor:
     """Fake quantization with a learnable step size (LSQ, Esser et al. 2020, eqs. 1-3) and, when
-    ``offset`` is given, a learnable offset beta (LSQ+, Bhalgat et al. 2020, §3.1):
+    ``offset`` is given, a learnable offset beta (LSQ+, Bhalgat et al. 2020, §3.1)::
 
         x_hat = clamp(round((x - beta) / s), qmin, qmax) * s + beta
 

@@ -2,7 +2,7 @@
 
 White paper: Nagel et al. 2021, "A White Paper on Neural Network Quantization" (arXiv 2106.08295),
 §4.1 "Simulating quantization for backward path": the straight-through estimator (STE) sets
-d round(y)/dy := 1, which makes the fake quantizer of eq. 7,
+d round(y)/dy := 1, which makes the fake quantizer of eq. 7, ::
 
     x_hat = s * (clamp(round(x / s) + z, qmin, qmax) - z),
 
@@ -34,7 +34,7 @@ def ste_derivatives(u: torch.Tensor, rounded: torch.Tensor, below: torch.Tensor,
     """Local derivatives of x_hat = s * (clamp(round(x/s) + z, qmin, qmax) - z) under the STE.
 
     White paper §4.1 (eq. 7 with d round(y)/dy := 1; s as in LSQ, Esser et al. 2020, eq. 3, and
-    z as LSQ+'s offset, Bhalgat et al. 2020, with z treated as a real variable):
+    z as LSQ+'s offset, Bhalgat et al. 2020, with z treated as a real variable)::
 
         region     d x_hat/dx   d x_hat/ds          d x_hat/dz
         inside         1        round(x/s) - x/s        0

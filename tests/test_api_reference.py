@@ -1,9 +1,8 @@
 """The book's API appendix (appendix/api*.md) and the chapters' references in the docstrings.
 
 * Every public name of every refimpl module has an entry in the appendix, in that module's
-  section (public: in the module's ``__all__``; a module without ``__all__`` -- four in
-  refimpl.quant -- exports the functions and classes it defines; modules whose names start with
-  an underscore are private and not in the appendix).
+  section (public: in the module's ``__all__``, which every module has; modules whose names
+  start with an underscore are private and not in the appendix).
 * d2l's "Defined in": the docstring of every refimpl name a chapter uses ends with "Used in
   :ref:`chN-sec-...`" -- the sections that use it, one per chapter -- and every such label is a
   MyST target, ``(label)=``, in a chapter's markdown.
@@ -35,11 +34,17 @@ MODULES = sorted(module_name(p) for p in PKG.rglob("*.py") if p != PKG / "__init
 
 
 def public_names(name: str) -> list[str]:
+    return list(importlib.import_module(name).__all__)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_module_says_what_is_public(name):
+    """``__all__`` is the one definition of public (the appendix, its tests and tools/check_notebooks.py
+    read it): a module without one, or naming something it does not have, fails."""
     mod = importlib.import_module(name)
-    if hasattr(mod, "__all__"):
-        return list(mod.__all__)
-    return [n for n, obj in vars(mod).items() if not n.startswith("_")
-            and (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == name]
+    assert hasattr(mod, "__all__"), f"{name} has no __all__: list its public functions, classes and constants"
+    missing = [n for n in mod.__all__ if not hasattr(mod, n)]
+    assert not missing, f"{name}.__all__ names what the module does not define: {missing}"
 
 
 def appendix_sections() -> dict[str, str]:

@@ -20,6 +20,11 @@ import torch
 from .._checks import check_choice, check_float_tensor, normalize_axis
 from .spec import QuantSpec
 
+__all__ = [
+    "ROUNDING_MODES", "qparams", "round_to_int", "broadcast_qparams", "quantize",
+    "dequantize", "in_grid", "fake_quant", "lsq_grad_scale", "lsq_fake_quant",
+]
+
 ROUNDING_MODES = ("half_even", "half_away", "floor", "stochastic")
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 

@@ -6,6 +6,8 @@ import torch
 
 from .._checks import check_choice, check_int
 
+__all__ = ["wrap_to_bits", "saturate_to_bits", "integer_matmul", "im2col", "integer_conv2d"]
+
 OVERFLOW_MODES = ("wrap", "saturate")
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 

@@ -11,6 +11,8 @@ from .._checks import normalize_axis
 from .functional import lsq_fake_quant, lsq_grad_scale
 from .spec import QuantSpec
 
+__all__ = ["LSQQuantizer"]
+
 
 class LSQQuantizer(nn.Module):
     """Fake quantizer with a learned step size (LSQ, Esser et al. 2020) and, with

@@ -8,6 +8,8 @@ import torch
 
 from .._checks import check_int
 
+__all__ = ["QuantSpec"]
+
 MAX_BITS = 16
 
 

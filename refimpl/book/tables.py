@@ -82,7 +82,7 @@ def format_mean_std(values, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def check_claims(claims) -> int:
+def check_claims(claims) -> None:
     """Raise ``AssertionError`` naming every statement of the prose that its table contradicts.
 
     claims: a mapping {statement, as the prose words it: truth value computed from the table's own
@@ -90,8 +90,8 @@ def check_claims(claims) -> int:
     gains4)}``. A chapter calls this right after the table its prose describes; prose numbers come
     from ``glue``, and this covers the words between them ("every", "worse than", "never").
     Executing the chapter afresh (``make test``) then fails where a change of numbers made a
-    sentence false, instead of leaving a page that contradicts its own table.
-    Returns the number of statements checked.
+    sentence false, instead of leaving a page that contradicts its own table. Returns None, so a
+    cell that ends with the call shows nothing.
 
     Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-rounding`,
     :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-why-accumulators-overflow`,
@@ -112,4 +112,3 @@ def check_claims(claims) -> int:
             wrong.append(statement)
     if wrong:
         raise AssertionError("the table no longer supports what the prose says: " + "; ".join(wrong))
-    return len(claims)

@@ -103,10 +103,12 @@ def _per_channel(value, name: str, channels: int, like: torch.Tensor) -> torch.T
     """A number, a one-element tensor or a (channels,) tensor as a (channels,) tensor like ``like``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
-    t = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else float(value))
-    if t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be real, got dtype {t.dtype}")
-    t = t.to(device=like.device, dtype=like.dtype)
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be real, got dtype {value.dtype}")
+        t = value.detach().to(device=like.device, dtype=like.dtype)
+    else:                                   # a Python float keeps its double precision
+        t = torch.tensor(float(value), device=like.device, dtype=like.dtype)
     if t.numel() == 1:
         return t.reshape(1).expand(channels)
     if t.ndim != 1 or t.numel() != channels:

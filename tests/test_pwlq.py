@@ -1,6 +1,7 @@
 """PWLQ (refimpl.quant.pwlq and the "pwlq" quantizer kind) against direct readings of the paper
 (Fang et al. 2020, Eqs. 3-5) and the released code's algorithms, written independently here."""
 
+import importlib
 import math
 
 import numpy as np
@@ -128,14 +129,16 @@ def test_all_zero_channel_quantizes_to_zero():
 # --------------------------------------------------------------------------------------------
 # The breakpoint
 # --------------------------------------------------------------------------------------------
-def _loop_search(w, bits, scheme):
-    """The released code's pwlq_coarse2fine_grid_search, one channel, on thousandths of m."""
+def _loop_search(w, bits, scheme, err=None):
+    """The released code's pwlq_coarse2fine_grid_search, one channel, on thousandths of m: a
+    candidate replaces the best only when its error is strictly smaller. ``err(k)``: the error at
+    p/m = k/1000 (default: PWLQ's squared error in float64)."""
+    w = w.double()
     m = float(w.abs().max())
     best, min_err = None, math.inf
-
-    def err(k):
-        q = pwlq(w, bits, m, k / 1000 * m, axis=None, scheme=scheme)
-        return float(((q - w) ** 2).sum())
+    if err is None:
+        def err(k):
+            return float(((pwlq(w, bits, m, k / 1000 * m, axis=None, scheme=scheme) - w) ** 2).sum())
 
     for k in range(100, 1000, 100):
         e = err(k)
@@ -186,11 +189,28 @@ def test_search_finds_the_dense_grid_optimum():
             assert int(torch.round(p[c] / m[c] * 1000)) == int(errs.argmin()) + 1
 
 
-def test_search_keeps_the_earlier_candidate_on_ties():
-    # every p gives zero error when each value is +-m: the code keeps the first candidate, 0.1 m
-    w = torch.tensor([[0.5, -0.5, 0.5, 0.5]])
+@pytest.mark.parametrize("profile,expected", [
+    (lambda k: 0.0, 100),                                     # all tie: the first candidate stays
+    (lambda k: float(min(abs(k - 300), abs(k - 500))), 300),  # two optima: the earlier one
+    (lambda k: float(abs(k - 347) // 5), 350),                # 345..350 tie; stage 2 found 350 first
+    (lambda k: float((k - 12) ** 2), 12),                     # near the low end: p/m <= 0 skipped
+    (lambda k: float((k - 995) ** 2), 995),                   # near the high end
+])
+def test_search_breaks_ties_as_the_released_code(monkeypatch, profile, expected):
+    """The batched search against the loop on error profiles with exact ties (the real squared
+    error rarely ties): both stand in for PWLQ's error, through the module's _sse."""
+    module = importlib.import_module("refimpl.quant.pwlq")   # refimpl.quant.pwlq is the function
+
+    def fake_sse(rows, bits, m, ratios, scheme):
+        e = torch.tensor([[profile(int(k)) for k in row] for row in ratios], dtype=torch.float64)
+        return torch.where((ratios > 0) & (ratios < 1000), e, torch.full_like(e, math.inf))
+
+    monkeypatch.setattr(module, "_sse", fake_sse)
+    w = torch.tensor([[0.5, -0.25, 0.125]])
     m, p = pwlq_breakpoint(w, 4)
-    assert float(m[0]) == 0.5 and float(p[0]) == pytest.approx(0.05)
+    want = _loop_search(w[0], 4, "signed_centre", err=profile)
+    assert int(torch.round(p[0] / m[0] * 1000)) == want
+    assert want == expected
 
 
 def _eq4_optimum(mhat, dist):

@@ -205,7 +205,10 @@ def _sse(rows: torch.Tensor, bits: int, m: torch.Tensor, ratios: torch.Tensor, s
 
     rows (C, K); m (C,); ratios (C, N) integers in thousandths. Returns (C, N); a candidate
     outside (0, 1000) gets +inf. All candidates of a chunk of channels in one batched computation.
+    In float64: candidates can differ by less than float32 resolves (two dips of a channel of 3
+    weights 5e-7 apart), and which one wins should not depend on the order of a sum.
     """
+    rows, m = rows.double(), m.double()
     channels, k = rows.shape
     n = ratios.shape[1]
     valid = (ratios > 0) & (ratios < _GRID)
@@ -229,7 +232,7 @@ def _search(rows: torch.Tensor, bits: int, m: torch.Tensor, scheme: str) -> torc
     ranges of the code; p/m outside (0, 1) skipped). The code keeps a candidate only when its
     error is strictly smaller, so the previous stage's best wins a tie, then the earlier candidate:
     here the previous best is evaluated first and ``argmin`` takes the first minimum.
-    Returns p/m of each row in thousandths, (C,) int64.
+    Returns p/m of each row in thousandths, (C,) int64. Errors are computed in float64.
     """
     dev = rows.device
     channels = rows.shape[0]
@@ -299,7 +302,7 @@ def pwlq_breakpoint(x: torch.Tensor, bits: int, method: str = "search", *, axis:
                                 over p/m by the released code's coarse-to-fine grid (0.1 .. 0.9,
                                 then +-0.1 in 0.01 steps, then +-0.01 in 0.001 steps; supplementary
                                 Algorithm 1). All channels and candidates of a stage are evaluated
-                                as one batched computation.
+                                as one batched computation, in float64.
         gaussian_closed_form:   p = std * ln(0.86143114 m/std + 0.60790110)      (§5.1)
         laplace_closed_form:    p = std * (0.80304483 sqrt(m/std) - 0.31667855)   (§5.1)
         gaussian_expected_error, laplace_expected_error:
@@ -328,7 +331,7 @@ def pwlq_breakpoint(x: torch.Tensor, bits: int, method: str = "search", *, axis:
     rows, axis = _rows(x, axis)
     m = rows.abs().amax(1)
     if method == "search":
-        p = _search(rows, bits, m, scheme).to(rows.dtype) / _GRID * m
+        p = (_search(rows, bits, m, scheme).double() / _GRID * m.double()).to(rows.dtype)
     else:
         std = _std(rows.double())
         m64 = m.double()

@@ -47,7 +47,8 @@ class QuantConfig:
         seed:               seed of the activation subsampling.
         weight_quantizer, act_quantizer: the quantizer kind of the weights and of the activations,
                             a name in ``refimpl.qmodel.quantizer_kinds()`` ("fixed": the grid set by the
-                            range method; "ste", "lsq": learned during QAT, see ``set_trainable``).
+                            range method; "ste", "lsq": learned during QAT, see ``set_trainable``;
+                            "pwlq": piecewise linear weights, post-training, weights only).
 
     Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch6-sec-the-qat-pipeline`.
     """

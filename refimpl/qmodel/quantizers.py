@@ -10,9 +10,12 @@ one activation site) holds the grid (``spec``), the quantization parameters ``sc
   (§4.1; ``refimpl.quant.ste_fake_quant``);
 * ``"lsq"``: learned step size (LSQ, Esser et al. 2020, eq. 3 and its gradient scale
   ``lsq_grad_scale``), zero point fixed: LSQ proper when the zero point is 0, else LSQ's
-  step-size gradient on the asymmetric grid (the zero point then stays where calibration put it).
+  step-size gradient on the asymmetric grid (the zero point then stays where calibration put it);
+* ``"pwlq"``: piecewise linear quantization of weights (Fang et al. 2020, Eq. 3;
+  ``refimpl.quant.pwlq``), range and breakpoint computed from the weight itself, per output
+  channel when the spec is per-channel; post-training only (no gradient, not exportable).
 
-A new kind (DSQ, PoT/APoT, PWLQ, PACT, DoReFa, QIL, ...) is a subclass of
+A new kind (DSQ, PoT/APoT, PACT, DoReFa, QIL, ...) is a subclass of
 :class:`QuantizerKind` declaring which tensors it learns, its forward, how it initialises from
 the calibrated (scale, zero_point) and what it exports, registered with one line,
 ``@register_kind``. ``QuantConfig(weight_quantizer=..., act_quantizer=...)`` and
@@ -31,6 +34,7 @@ from torch import nn
 from .._checks import check_choice
 from ..quant import QuantSpec, fake_quant, lsq_fake_quant, lsq_grad_scale, qparams, ste_fake_quant
 from ..quant.adaround import soft_rounded_weight
+from ..quant.pwlq import PWLQ_BREAKPOINT_METHODS, PWLQ_SCHEMES, pwlq, pwlq_bias_correction, pwlq_breakpoint
 from .observers import Observer, tensor_range
 
 __all__ = ["QuantizerKind", "register_kind", "unregister_kind", "quantizer_kinds", "get_kind", "Quantizer", "WeightQuantizer",
@@ -168,6 +172,50 @@ class LSQ(QuantizerKind):
             return lsq_fake_quant(x, q.scale, q.spec, grad_scale=g)
         # asymmetric grid: LSQ's step-size gradient, zero point fixed
         return ste_fake_quant(x, q.scale, q.zero_point.detach(), q.spec, grad_scale=g)
+
+
+@register_kind
+class PWLQ(QuantizerKind):
+    """Piecewise linear quantization of a weight (Fang et al. 2020, Eq. 3; ``refimpl.quant.pwlq``).
+
+    Weights only. Each forward computes m = max|w| and the breakpoint p from the weight (per
+    output channel for a per-channel spec, else per tensor) with ``q.breakpoint_method``
+    (``PWLQ_BREAKPOINT_METHODS``, default "search"), quantizes with b = ``q.spec.bits`` bits in
+    ``q.pwlq_scheme`` (``PWLQ_SCHEMES``, default "signed_centre", the released code's) and, when
+    ``q.bias_correction`` (default False), matches each channel's mean and std to the float
+    weight's (``pwlq_bias_correction``). Change these attributes on the quantizer after
+    ``quantize_model``. scale and zero_point are not used; nothing is learned and no gradient
+    flows (a post-training quantizer); ``export`` raises TypeError.
+    """
+
+    name = "pwlq"
+    requires_range = False
+
+    def init(self, q):
+        if not isinstance(q, WeightQuantizer):
+            raise ValueError("the 'pwlq' quantizer kind quantizes weights only; use another act_quantizer "
+                             "(or set_trainable(..., acts=False))")
+        for attr, default in (("breakpoint_method", "search"), ("pwlq_scheme", "signed_centre"),
+                              ("bias_correction", False)):
+            if not hasattr(q, attr):
+                setattr(q, attr, default)
+
+    def forward(self, q, x, elements):
+        check_choice(q.breakpoint_method, "breakpoint_method", PWLQ_BREAKPOINT_METHODS)
+        check_choice(q.pwlq_scheme, "pwlq_scheme", PWLQ_SCHEMES)
+        if not isinstance(q.bias_correction, bool):
+            raise TypeError(f"bias_correction must be a bool, got {q.bias_correction!r}")
+        axis = q.spec.axis
+        with torch.no_grad():
+            m, p = pwlq_breakpoint(x, q.spec.bits, q.breakpoint_method, axis=axis, scheme=q.pwlq_scheme)
+            w_q = pwlq(x, q.spec.bits, m, p, axis=axis, scheme=q.pwlq_scheme)
+            if q.bias_correction:
+                w_q = pwlq_bias_correction(x, w_q, axis=axis)
+        return w_q
+
+    def export(self, q):
+        raise TypeError("a PWLQ weight has a piecewise grid (two scales and an offset per channel), which "
+                        "ONNX QuantizeLinear/DequantizeLinear cannot express; see refimpl.quant.pwlq_decompose")
 
 
 _BUILT_IN = frozenset(_KINDS)

@@ -16,11 +16,22 @@ from .functional import (
     round_to_int,
 )
 from .nonuniform import pow2_levels, quantize_to_levels
+from .pwlq import (
+    PWLQ_BREAKPOINT_METHODS,
+    PWLQ_SCHEMES,
+    PWLQDecomposition,
+    pwlq,
+    pwlq_bias_correction,
+    pwlq_breakpoint,
+    pwlq_decompose,
+)
 from .spec import QuantSpec
 from .ste import ste_derivatives, ste_fake_quant
 
 __all__ = [
     "QuantSpec", "qparams", "quantize", "dequantize", "fake_quant", "round_to_int", "in_grid",
     "broadcast_qparams", "pow2_levels", "quantize_to_levels",
+    "pwlq", "pwlq_breakpoint", "pwlq_bias_correction", "pwlq_decompose", "PWLQDecomposition",
+    "PWLQ_SCHEMES", "PWLQ_BREAKPOINT_METHODS",
     "lsq_fake_quant", "lsq_grad_scale", "ROUNDING_MODES", "ste_fake_quant", "ste_derivatives",
 ]

@@ -460,3 +460,26 @@ def test_the_kind_per_tensor_and_weights_only():
     with pytest.raises(ValueError, match="bits"):
         bad = quantize_model(fp, QuantConfig(weight_quantizer="pwlq", weight_bits=1, act_bits=None))
         bad.get_submodule("0").quantized_weight()
+
+
+def test_the_kind_without_breakpoint_is_the_uniform_baseline():
+    # breakpoint_method=None: the paper's "Uniform" rows, the symmetric narrow grid on [-m, m];
+    # checked against refimpl's min-max per-channel quantizer and against a direct reading of Eq. 1
+    fp = _small_model()
+    q = quantize_model(fp, QuantConfig(weight_quantizer="pwlq", weight_bits=4, weight_per_channel=True,
+                                       act_bits=None))
+    ref = quantize_model(fp, QuantConfig(weight_bits=4, weight_per_channel=True, weight_symmetric=True,
+                                         weight_narrow_range=True, weight_range_method="minmax", act_bits=None))
+    for name, wq in weight_quantizers(q).items():
+        wq.breakpoint_method = None
+        layer = q.get_submodule(name)
+        w = layer.weight.detach()
+        got = layer.quantized_weight()
+        assert torch.equal(got, ref.get_submodule(name).quantized_weight().detach()), name
+        m = w.abs().flatten(1).amax(1).view(-1, *[1] * (w.ndim - 1))
+        step = m / 7
+        assert torch.allclose(got, torch.clamp(torch.round(w / step), -7, 7) * step, atol=1e-7, rtol=0)
+        assert len(torch.unique(got[0])) <= 15
+        wq.bias_correction = True
+        assert torch.equal(layer.quantized_weight(), pwlq_bias_correction(w, got)), name
+        wq.breakpoint_method = "search"

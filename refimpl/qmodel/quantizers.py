@@ -174,6 +174,16 @@ class LSQ(QuantizerKind):
         return ste_fake_quant(x, q.scale, q.zero_point.detach(), q.spec, grad_scale=g)
 
 
+def _uniform_max_abs(x: torch.Tensor, bits: int, axis) -> torch.Tensor:
+    """x on the symmetric narrow grid of step max|x| / (2^(b-1) - 1), per slice along axis."""
+    spec = QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=True, axis=axis)
+    dims = [d for d in range(x.ndim) if d != axis] if axis is not None else list(range(x.ndim))
+    m = x.detach().abs().amax(dim=dims) if dims else x.detach().abs()
+    # an all-zero slice quantizes to 0 at any positive scale
+    scale = torch.where(m > 0, m, torch.ones_like(m)).float() / spec.qmax
+    return fake_quant(x, scale, torch.zeros_like(scale, dtype=torch.int32), spec)
+
+
 @register_kind
 class PWLQ(QuantizerKind):
     """Piecewise linear quantization of a weight (Fang et al. 2020, Eq. 3; ``refimpl.quant.pwlq``).
@@ -182,6 +192,9 @@ class PWLQ(QuantizerKind):
     output channel for a per-channel spec, else per tensor) with ``q.breakpoint_method``
     (``PWLQ_BREAKPOINT_METHODS``, default "search"), quantizes with b = ``q.spec.bits`` bits in
     ``q.pwlq_scheme`` (``PWLQ_SCHEMES``, default "signed_centre", the released code's) and, when
+    ``breakpoint_method`` is None, with no breakpoint: the paper's uniform baseline (Eq. 1, its
+    Table 2 "Uniform" rows), the symmetric grid [-(2^(b-1) - 1), 2^(b-1) - 1] * m / (2^(b-1) - 1)
+    with the same m, so that bias correction applies to it the same way. And when
     ``q.bias_correction`` (default False), matches each channel's mean and std to the float
     weight's (``pwlq_bias_correction``). Change these attributes on the quantizer after
     ``quantize_model``. scale and zero_point are not used; nothing is learned and no gradient
@@ -201,14 +214,18 @@ class PWLQ(QuantizerKind):
                 setattr(q, attr, default)
 
     def forward(self, q, x, elements):
-        check_choice(q.breakpoint_method, "breakpoint_method", PWLQ_BREAKPOINT_METHODS)
+        if q.breakpoint_method is not None:
+            check_choice(q.breakpoint_method, "breakpoint_method", PWLQ_BREAKPOINT_METHODS)
         check_choice(q.pwlq_scheme, "pwlq_scheme", PWLQ_SCHEMES)
         if not isinstance(q.bias_correction, bool):
             raise TypeError(f"bias_correction must be a bool, got {q.bias_correction!r}")
         axis = q.spec.axis
         with torch.no_grad():
-            m, p = pwlq_breakpoint(x, q.spec.bits, q.breakpoint_method, axis=axis, scheme=q.pwlq_scheme)
-            w_q = pwlq(x, q.spec.bits, m, p, axis=axis, scheme=q.pwlq_scheme)
+            if q.breakpoint_method is None:
+                w_q = _uniform_max_abs(x, q.spec.bits, axis)
+            else:
+                m, p = pwlq_breakpoint(x, q.spec.bits, q.breakpoint_method, axis=axis, scheme=q.pwlq_scheme)
+                w_q = pwlq(x, q.spec.bits, m, p, axis=axis, scheme=q.pwlq_scheme)
             if q.bias_correction:
                 w_q = pwlq_bias_correction(x, w_q, axis=axis)
         return w_q

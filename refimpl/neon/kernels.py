@@ -15,8 +15,9 @@ the tile with ``ST1``. Every kernel family is our own code following a published
   ``accumulations`` (even, default 2) sets the products per int16 lane before SADALP: above 2,
   ``accumulations / 2`` depth groups of 16 go through SMULL/SMLAL + SMLAL2 into one int16
   register per output before one SADALP (EasyQuant's INT7 argument, Wu et al. 2020 Fig. 2, in
-  the same kernel), K-step ``8 * accumulations``; the MR x 4 int16 registers then stay live
-  across the groups, which limits MR to 1..3 (default tile 2 x 4).
+  the same kernel), K-step ``8 * accumulations``, and a straight-line tail block of fewer groups
+  takes the rest of K (padded to 16 only); the MR x 4 int16 registers stay live across the
+  groups, which limits MR to 1..3 (default tile 2 x 4).
 * ``"sdot"`` -- ruy's dotprod kernel idea (ARMv8.2 FEAT_DotProd): ``SDOT acc.4s, b.16b,
   a.4b[i]``; each 32-bit lane takes a 4-deep dot product, output columns in the lanes, no
   reduction. Tile MR x NR with MR in {4, 8, 12}, NR in {4, 8, 12, 16} (default 8x8), K-step
@@ -274,26 +275,37 @@ def _gen_smlal_acc(mr, kp, acc_n, requant):
     # one int16 register per output (SMULL/SMLAL low halves, SMLAL2 high halves), one SADALP
     # per output per loop iteration. Registers: int32 accumulators v(32-4MR).., int16 v(32-8MR)..,
     # operands below (two sets when they fit: the next group loads during this one)
-    groups = acc_n // 2
     acc = [[32 - 4 * mr + 4 * m + n for n in range(4)] for m in range(mr)]
     t16 = [[32 - 8 * mr + 4 * m + n for n in range(4)] for m in range(mr)]
     free = list(range(32 - 8 * mr))
     per = mr + 4
     sets = 2 if len(free) >= 2 * per else 1
-    pro = [f"movi v{r}.4s, #0" for row in acc for r in row] + [f"mov x4, #{kp // (8 * acc_n)}"]
     pairs = [(m, n) for m in range(mr) for n in range(4)]
-    steps = []
-    for g in range(groups):
-        regs = free[(g % sets) * per:(g % sets + 1) * per]
-        ra, rb = regs[:mr], regs[mr:]
-        loads = [f"ld1 {{v{r}.16b}}, [x0], #16" for r in ra] + \
-            [f"ld1 {{v{r}.16b}}, [x1], #16" for r in rb]
-        op = "smull" if g == 0 else "smlal"    # SMULL starts the int16 segment: no zeroing
-        comp = [f"{op} v{t16[m][n]}.8h, v{ra[m]}.8b, v{rb[n]}.8b" for m, n in pairs]
-        comp += [f"smlal2 v{t16[m][n]}.8h, v{ra[m]}.16b, v{rb[n]}.16b" for m, n in pairs]
-        steps.append((loads, comp))
-    body = _pipeline(steps, True) if sets == 2 else _after_last_use(steps)
-    body += [f"sadalp v{acc[m][n]}.4s, v{t16[m][n]}.8h" for m, n in pairs]
+
+    def block(groups):
+        steps = []
+        for g in range(groups):
+            regs = free[(g % sets) * per:(g % sets + 1) * per]
+            ra, rb = regs[:mr], regs[mr:]
+            loads = [f"ld1 {{v{r}.16b}}, [x0], #16" for r in ra] + \
+                [f"ld1 {{v{r}.16b}}, [x1], #16" for r in rb]
+            op = "smull" if g == 0 else "smlal"    # SMULL starts the int16 segment: no zeroing
+            comp = [f"{op} v{t16[m][n]}.8h, v{ra[m]}.8b, v{rb[n]}.8b" for m, n in pairs]
+            comp += [f"smlal2 v{t16[m][n]}.8h, v{ra[m]}.16b, v{rb[n]}.16b" for m, n in pairs]
+            steps.append((loads, comp))
+        body = _pipeline(steps, True) if sets == 2 else _after_last_use(steps)
+        return body + [f"sadalp v{acc[m][n]}.4s, v{t16[m][n]}.8h" for m, n in pairs]
+
+    # K (padded to 16) = full blocks of acc_n / 2 groups in the loop + a shorter tail block
+    # (fewer products per lane, so no new wrap), as a real kernel handles the K remainder
+    full, tail = divmod(kp // 16, acc_n // 2)
+    pro = [f"movi v{r}.4s, #0" for row in acc for r in row]
+    parts = []
+    if full:
+        pro.append(f"mov x4, #{full}")
+        parts.append(("loop", "smlal_acc", block(acc_n // 2), full))
+    if tail:
+        parts.append(("once", block(tail), 1))
     rows = free[:mr]
     epi, t0, t1 = [], t16[0][0], t16[0][1]
     for m in range(mr):
@@ -301,7 +313,7 @@ def _gen_smlal_acc(mr, kp, acc_n, requant):
         epi += [f"addp v{t0}.4s, v{r[0]}.4s, v{r[1]}.4s", f"addp v{t1}.4s, v{r[2]}.4s, v{r[3]}.4s",
                 f"addp v{rows[m]}.4s, v{t0}.4s, v{t1}.4s"]
     epi += _store(rows, 4, requant)
-    return pro, [("loop", "smlal_acc", body, kp // (8 * acc_n))], epi
+    return pro, parts, epi
 
 
 def _gen_sdot(mr, nr, kp, unroll, requant):
@@ -427,7 +439,8 @@ def _generate(kernel, mr, nr, k, bits, acc_n, unroll, requant):
         next(d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) if d * acc_n >= 4)
     kstep = {"smlal": 8 * (acc_n or 2), "sdot": 4 * unroll, "int7": 2 * (acc_n or 0),
              "mla-lowbit": (acc_n or 0) * seg_per_iter}[kernel]
-    kp = -(-k // kstep) * kstep
+    pad_to = 16 if kernel == "smlal" else kstep      # smlal: a tail block takes the remainder
+    kp = -(-k // pad_to) * pad_to
     if kernel == "smlal" and acc_n != 2:
         pro, parts, epi = _gen_smlal_acc(mr, kp, acc_n, requant)
     elif kernel == "smlal":
@@ -470,6 +483,33 @@ def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def _check_accumulations(kernel, accumulations, bits, mr, tile):
+    if kernel in ("int7", "mla-lowbit"):
+        safe = _max_acc(7, 7, 16) if kernel == "int7" else _max_acc(bits, bits, 8)
+        if accumulations is None:
+            accumulations = safe
+        if not _is_int(accumulations) or not 1 <= accumulations <= _MAX_ACCUMULATIONS:
+            raise ValueError(f"accumulations must be an int in 1..{_MAX_ACCUMULATIONS}, got "
+                             f"{accumulations!r}")
+        accumulations = int(accumulations)
+    elif kernel == "smlal":
+        accumulations = 2 if accumulations is None else accumulations
+        if (not _is_int(accumulations) or not 2 <= accumulations <= _MAX_ACCUMULATIONS
+                or accumulations % 2):
+            raise ValueError(f"accumulations for kernel 'smlal' must be an even int in "
+                             f"2..{_MAX_ACCUMULATIONS} (SMULL/SMLAL + SMLAL2 add two products "
+                             f"per int16 lane per depth group of 16), got {accumulations!r}")
+        accumulations = int(accumulations)
+        if accumulations > 2 and mr > 3:
+            raise ValueError(f"tile for kernel 'smlal' with accumulations={accumulations} must "
+                             f"have MR in 1..3 (MR x 4 int16 and int32 sums stay live), got "
+                             f"{tile!r}")
+    elif accumulations is not None:
+        raise ValueError("accumulations applies to kernels 'smlal', 'int7' and 'mla-lowbit' only, "
+                         f"got accumulations={accumulations!r} for {kernel!r}")
+    return accumulations
+
+
 def _check_config(kernel, tile, bits, accumulations, unroll, requant):
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -510,29 +550,7 @@ def _check_config(kernel, tile, bits, accumulations, unroll, requant):
                          f"{kernel!r}")
     else:
         unroll = 1
-    if kernel in ("int7", "mla-lowbit"):
-        safe = _max_acc(7, 7, 16) if kernel == "int7" else _max_acc(bits, bits, 8)
-        if accumulations is None:
-            accumulations = safe
-        if not _is_int(accumulations) or not 1 <= accumulations <= _MAX_ACCUMULATIONS:
-            raise ValueError(f"accumulations must be an int in 1..{_MAX_ACCUMULATIONS}, got "
-                             f"{accumulations!r}")
-        accumulations = int(accumulations)
-    elif kernel == "smlal":
-        accumulations = 2 if accumulations is None else accumulations
-        if (not _is_int(accumulations) or not 2 <= accumulations <= _MAX_ACCUMULATIONS
-                or accumulations % 2):
-            raise ValueError(f"accumulations for kernel 'smlal' must be an even int in "
-                             f"2..{_MAX_ACCUMULATIONS} (SMULL/SMLAL + SMLAL2 add two products "
-                             f"per int16 lane per depth group of 16), got {accumulations!r}")
-        accumulations = int(accumulations)
-        if accumulations > 2 and mr > 3:
-            raise ValueError(f"tile for kernel 'smlal' with accumulations={accumulations} must "
-                             f"have MR in 1..3 (MR x 4 int16 and int32 sums stay live), got "
-                             f"{tile!r}")
-    elif accumulations is not None:
-        raise ValueError("accumulations applies to kernels 'smlal', 'int7' and 'mla-lowbit' only, "
-                         f"got accumulations={accumulations!r} for {kernel!r}")
+    accumulations = _check_accumulations(kernel, accumulations, bits, mr, tile)
     if requant and mr * nr % 16:
         raise ValueError(f"requant needs MR*NR to be a multiple of 16 (16 int8 outputs per "
                          f"store), got tile {tile!r}")
@@ -693,7 +711,11 @@ def _fast_result(prog, a, b):
         if prog.accumulations * bound <= (1 << 15) - 1:
             c = _exact(a, b)
         else:
-            c = _segment_sums(a, b, prog.k_padded, prog.accumulations, 8, 16)
+            k1 = prog.k_padded // prog.kstep * prog.kstep      # the loop's blocks, then the tail
+            c = _segment_sums(a[:, :k1], b[:k1], k1, prog.accumulations, 8, 16) if k1 else 0
+            if k1 < a.shape[1]:
+                c = c + _segment_sums(a[:, k1:], b[k1:], prog.k_padded - k1,
+                                      (prog.k_padded - k1) // 8, 8, 16)
     elif kernel == "smlal":
         c = _exact(a, b)
         if (a == -128).any() and (b == -128).any():

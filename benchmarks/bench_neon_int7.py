@@ -200,8 +200,9 @@ def main():
           f"{max_smlal_accumulations(7, narrow_range=False)}")
     for v in (127, 63, -128, -64):
         tr = smlal_accumulate(v, v, 12)
+        i = tr.first_wrap - 1
         print(f"  SMLAL {v:4d} x {v:4d} into int16: first wrap at accumulation {tr.first_wrap} "
-              f"(lane {int(tr.exact[tr.first_wrap - 1, 0])} -> {int(tr.lanes[tr.first_wrap - 1, 0])})")
+              f"(exact {int(tr.exact[i, 0])}, lane {int(tr.lanes[i, 0])})")
 
     # 2. the kernels on the layer
     rows = compare_kernels(M, K, N, INT7_CONFIGS, llvm_mca=have_mca)

@@ -23,7 +23,8 @@ def test_paper_budget():
     assert 32767 // 127 ** 2 == 2 and 32767 // 63 ** 2 == 8
     assert max_smlal_accumulations(8) == 2 and max_smlal_accumulations(7) == 8
     for bits in range(2, 9):
-        assert max_smlal_accumulations(bits, narrow_range=False) == max_accumulations(bits, bits, 16)
+        full = max_smlal_accumulations(bits, narrow_range=False)
+        assert full == max_accumulations(bits, bits, 16)
         top = 2 ** (bits - 1) - 1
         assert max_smlal_accumulations(bits) == 32767 // top ** 2
     with pytest.raises(ValueError, match="bits must be in 2..8"):
@@ -224,6 +225,11 @@ def test_resource_bounds_hand_case():
     assert a53["pipes V0"] == 4 and a53["issue"] == 4              # Q-form: both 64-bit pipes
     ld = resource_bounds("l:\nld1 {v0.16b}, [x0], #16\nsubs x3, x3, #1\nb.ne l\n", "cortex-a53")
     assert ld["issue"] == 2 + 1                                    # alone, holds issue 2 cycles
+    # A72: LD1R is L + F + base writeback, 3 micro-ops, a dispatch group of its own; two
+    # SMULL and SUBS + B.NE pack into the groups in between: ld1r | smull smull | ld1r | subs b.ne
+    body = ("l:\nld1r {v1.8h}, [x0], #2\nsmull v0.8h, v1.8b, v2.8b\nsmull v3.8h, v1.8b, v2.8b\n"
+            "ld1r {v4.8h}, [x0], #2\nsubs x3, x3, #1\nb.ne l\n")
+    assert resource_bounds(body, "cortex-a72")["dispatch"] == 4
     with pytest.raises(ValueError, match="core must be one of"):
         resource_bounds(body, "cortex-a9")
 

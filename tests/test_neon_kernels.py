@@ -296,7 +296,8 @@ def _smlal_lanes_reference(a, b, acc_n):
                 for j in range(8):
                     lane = 0
                     for i in range(acc_n):
-                        lane = (lane + ap[r, s + 8 * i + j] * bp[s + 8 * i + j, c] + 32768) % 65536 - 32768
+                        kk = s + 8 * i + j
+                        lane = (lane + ap[r, kk] * bp[kk, c] + 32768) % 65536 - 32768
                     out[r, c] += lane
     return out
 

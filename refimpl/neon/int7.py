@@ -288,8 +288,10 @@ def resource_bounds(loop_asm: str, core: str) -> dict:
     set of pipes some micro-op may use, the cycles of the micro-ops confined to that set, spread
     evenly over it. ``"issue"`` (in-order A53/A55): cycles holding issue (single-issue loads,
     128-bit loads for their two load-path cycles) plus the rest at the issue width or on their
-    busiest pipe, whichever is more. ``"dispatch"`` (out-of-order A72/A76): instructions and
-    micro-ops at the dispatch widths (a post-indexed access one micro-op more). The largest is
+    busiest pipe, whichever is more. ``"dispatch"`` (out-of-order A72/A76): the dispatch
+    groups of the body in program order, packed as the model packs them (a group holds
+    ``width`` instructions and ``uop_width`` micro-ops, a post-indexed access one micro-op
+    more, so a 3-micro-op LD1R on the A72 fills a group alone). The largest is
     the loop's resource bound; a steady state (:func:`~refimpl.neon.steady_state_cycles`)
     above it is latency-bound.
     """
@@ -298,7 +300,8 @@ def resource_bounds(loop_asm: str, core: str) -> dict:
     model = CORE_MODELS[core]
     demand: dict[frozenset, float] = {}
     free_demand: dict[str, float] = {}      # in-order: pipe occupancy of non-holding instructions
-    hold_total = other = uops = 0.0
+    hold_total = other = 0.0
+    sizes: list[int] = []                   # micro-ops of each instruction, in order
     prog = parse(loop_asm)
     for ins in prog:
         e = model.entry(ins)
@@ -306,7 +309,7 @@ def resource_bounds(loop_asm: str, core: str) -> dict:
             key = frozenset(pipes)
             demand[key] = demand.get(key, 0) + occ
         wb = any(isinstance(o, Mem) and o.mode in ("pre", "post") for o in ins.operands)
-        uops += len(e.uops) + wb
+        sizes.append(len(e.uops) + wb)
         if model.kind == "inorder":
             k = klass(ins)
             hold = e.uops[0][1] if model.block_wide_loads and k in ("ld1", "ld1r") else 1
@@ -324,9 +327,25 @@ def resource_bounds(loop_asm: str, core: str) -> dict:
     if model.kind == "inorder":
         out["issue"] = hold_total + max([other / model.width] + list(free_demand.values()))
     else:
-        out["dispatch"] = max(len(prog) / model.width,
-                              uops / model.uop_width if model.uop_width else 0.0)
+        # the third copy of the body adds what one iteration adds in a run of iterations
+        out["dispatch"] = float(_dispatch_groups(sizes * 3, model)
+                                - _dispatch_groups(sizes * 2, model))
     return out
+
+
+def _dispatch_groups(sizes, model):
+    """In-order dispatch groups, packed as the Timer packs them: a group closes at ``width``
+    instructions, or when the next instruction's micro-ops would not fit in ``uop_width``."""
+    groups, used, used_uops = 1, 0, 0
+    for n in sizes:
+        if used >= model.width or (model.uop_width and used_uops
+                                   and used_uops + n > model.uop_width):
+            groups, used, used_uops = groups + 1, 0, 0
+        if model.uop_width and n > model.uop_width:
+            groups += (n - 1) // model.uop_width
+            n -= (n - 1) // model.uop_width * model.uop_width
+        used, used_uops = used + 1, used_uops + n
+    return groups
 
 
 # ---- ncnn's 2020 int8 GEMM kernel, transcribed --------------------------------------------------

@@ -19,7 +19,7 @@ RANK = {
     # 0: configuration and argument checks, no torch at import
     "_checks": 0, "_api": 0, "_progress": 0, "numerics": 0,
     # 1: pure tensor math, no state
-    "quant": 1, "calib": 1, "metrics": 1, "neon": 1,
+    "quant": 1, "calib": 1, "metrics": 1, "neon": 1, "neon.int7": 1,
     # 2: modules holding learnable or observed state, and the model's structure
     "quant.modules": 2, "models": 2, "graph": 2, "capture": 2,
     "qmodel.config": 2, "qmodel.observers": 2, "qmodel.quantizers": 2, "qmodel.layers": 2,

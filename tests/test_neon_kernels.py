@@ -277,3 +277,98 @@ def test_errors():
         run_gemm(a, b, "sdot", trace="yes")
     with pytest.raises(ValueError, match="real_scale"):
         quantize_multiplier(1.5)
+
+
+# ---- smlal with more than two products per int16 lane (EasyQuant's INT7 argument) -------------
+def _smlal_lanes_reference(a, b, acc_n):
+    """Independent loop reference of the smlal kernel's arithmetic: depth blocks of 8 * acc_n,
+    lane j of a block sums k = 8 i + j (i < acc_n) in int16 (wrapping), int32 sum of the lanes."""
+    m, k = a.shape
+    blk = 8 * acc_n
+    kp = -(-k // blk) * blk
+    ap = np.zeros((m, kp), np.int64)
+    bp = np.zeros((kp, b.shape[1]), np.int64)
+    ap[:, :k], bp[:k] = a, b
+    out = np.zeros((m, b.shape[1]), np.int64)
+    for r in range(m):
+        for c in range(b.shape[1]):
+            for s in range(0, kp, blk):
+                for j in range(8):
+                    lane = 0
+                    for i in range(acc_n):
+                        kk = s + 8 * i + j
+                        lane = (lane + ap[r, kk] * bp[kk, c] + 32768) % 65536 - 32768
+                    out[r, c] += lane
+    return out
+
+
+@pytest.mark.parametrize("acc_n,tile", [(4, (1, 4)), (8, (2, 4)), (8, (3, 4)), (16, (3, 4))])
+def test_smlal_accumulations_exact_in_narrow_range(acc_n, tile):
+    rng = np.random.default_rng(acc_n + tile[0])
+    a = rng.integers(-63, 64, (7, 150)).astype(np.int8)
+    b = rng.integers(-63, 64, (150, 9)).astype(np.int8)
+    a[0], b[:, 0] = 63, -63                 # an extreme row and column
+    fast = run_gemm(a, b, "smlal", bits=7, accumulations=acc_n, tile=tile)
+    tr = run_gemm(a, b, "smlal", bits=7, accumulations=acc_n, tile=tile, trace=True)
+    ref = _smlal_lanes_reference(a, b, acc_n)
+    np.testing.assert_array_equal(tr.result, fast.result)
+    np.testing.assert_array_equal(fast.result, ref)
+    if acc_n <= 8:                           # 8 * 63^2 = 31752 fits int16: the exact product
+        np.testing.assert_array_equal(fast.result, _exact(a, b))
+    assert fast.program.accumulations == acc_n and fast.program.kstep == 8 * acc_n
+    assert abs(tr.cycles / fast.cycles - 1) <= 0.05
+
+
+def test_smlal_accumulations_wrap_like_int16_lanes():
+    # INT7 full range: -64 * -64 = 4096, eight of them = 32768 wraps to -32768 in every lane
+    a = np.full((2, 64), -64, np.int8)
+    b = np.full((64, 4), -64, np.int8)
+    fast = run_gemm(a, b, "smlal", bits=7, accumulations=8)
+    tr = run_gemm(a, b, "smlal", bits=7, accumulations=8, trace=True)
+    assert (fast.result == 8 * -32768).all() and (tr.result == fast.result).all()
+    assert (run_gemm(a, b, "smlal", bits=7).result == 64 * 4096).all()   # 2 per lane: exact
+    # int8 with 6 products per lane: random operands wrap; fast path, trace, loop reference agree
+    rng = np.random.default_rng(11)
+    a, b = _operands(rng, 8, 5, 100, 6)
+    fast = run_gemm(a, b, "smlal", accumulations=6, tile=(3, 4))
+    tr = run_gemm(a, b, "smlal", accumulations=6, tile=(3, 4), trace=True)
+    ref = _smlal_lanes_reference(a, b, 6)
+    assert not np.array_equal(ref, _exact(a, b))
+    np.testing.assert_array_equal(fast.result, ref)
+    np.testing.assert_array_equal(tr.result, ref)
+
+
+def test_smlal_accumulations_instruction_counts():
+    # 2 x 4 tile, 8 per lane, K = 128: two loop iterations of four depth groups of 16; counted
+    # by hand: per group 2 + 4 LD1, 8 low-half SMULL (group 0) or SMLAL, 8 SMLAL2; per iteration
+    # 8 SADALP, SUBS, B.NE; prologue 8 MOVI + MOV; epilogue 3 ADDP per row and one ST1
+    prog = generate_kernel("smlal", 128, accumulations=8)
+    assert (prog.mr, prog.nr, prog.kstep, prog.k_padded) == (2, 4, 64, 128)
+    assert prog.mnemonic_counts == {"smlal2": 64, "ld1": 48, "smlal": 48, "smull": 16,
+                                    "sadalp": 16, "movi": 8, "addp": 6, "b.ne": 2, "subs": 2,
+                                    "mov": 1, "st1": 1}
+    assert sum(prog.mnemonic_counts.values()) == prog.instructions
+    # the default kernel: per 16-deep block and output, one SMULL, one SMLAL2, one SADALP
+    base = generate_kernel("smlal", 128)
+    c = base.mnemonic_counts
+    assert c["smull"] == c["smlal2"] == c["sadalp"] == 8 * 16 and "smlal" not in c
+    assert sum(c.values()) == base.instructions
+    # 8 per lane: 9 multiply-or-widen instructions per 64 products and lane instead of 12
+    per_mac = {p: (p.mnemonic_counts["smull"] + p.mnemonic_counts.get("smlal", 0)
+                   + p.mnemonic_counts["smlal2"] + p.mnemonic_counts["sadalp"])
+               / (p.mr * p.nr * p.k_padded) for p in (prog, base)}
+    assert per_mac[prog] == pytest.approx(9 / 64)
+    assert per_mac[base] == pytest.approx(12 / 64)
+
+
+def test_smlal_accumulations_bad_values():
+    a = np.ones((4, 16), np.int8)
+    b = np.ones((16, 4), np.int8)
+    for bad in (0, 1, 3, 258, 2.0, True):
+        with pytest.raises(ValueError, match="accumulations for kernel 'smlal' must be an even"):
+            run_gemm(a, b, "smlal", accumulations=bad)
+    with pytest.raises(ValueError, match="MR in 1..3"):
+        run_gemm(a, b, "smlal", accumulations=8, tile=(4, 4))
+    with pytest.raises(ValueError, match="MR in 1..3"):
+        generate_kernel("smlal", 64, accumulations=4, tile=(4, 4))
+    assert generate_kernel("smlal", 64, accumulations=2).asm == generate_kernel("smlal", 64).asm

@@ -12,6 +12,12 @@ the tile with ``ST1``. Every kernel family is our own code following a published
   K-step 16. The only int16 overflow is MIN*MIN + MIN*MIN = 32768, which wraps to -32768 in the
   lane: the kernel keeps that wrap (result off by -65536 per such pair), the fast path reproduces
   it exactly, and ``bits=7`` (or weights in [-127, 127], gemmlowp's restriction) rules it out.
+  ``accumulations`` (even, default 2) sets the products per int16 lane before SADALP: above 2,
+  ``accumulations / 2`` depth groups of 16 go through SMULL/SMLAL + SMLAL2 into one int16
+  register per output before one SADALP (EasyQuant's INT7 argument, Wu et al. 2020 Fig. 2, in
+  the same kernel), K-step ``8 * accumulations``, and a straight-line tail block of fewer groups
+  takes the rest of K (padded to 16 only); the MR x 4 int16 registers stay live across the
+  groups, which limits MR to 1..3 (default tile 2 x 4).
 * ``"sdot"`` -- ruy's dotprod kernel idea (ARMv8.2 FEAT_DotProd): ``SDOT acc.4s, b.16b,
   a.4b[i]``; each 32-bit lane takes a 4-deep dot product, output columns in the lanes, no
   reduction. Tile MR x NR with MR in {4, 8, 12}, NR in {4, 8, 12, 16} (default 8x8), K-step
@@ -58,7 +64,7 @@ packs into a :class:`~refimpl.neon.Machine`'s memory and runs the kernel per til
 the sum of the runs' ``RunStats.cycles``. Both count every tile of the padded problem (a
 partial edge tile costs a full one, as it would on the core).
 
-Why one module (~750 lines): the four families are built from the same prologue, loop, packing
+Why one module (~830 lines): the four families are built from the same prologue, loop, packing
 and requantisation-epilogue pieces, and checked by the same reference and fast paths; split
 apart, each file would import the others' private builders.
 """
@@ -105,8 +111,8 @@ class KernelProgram:
     kstep: int           # k values consumed per loop iteration
     k_padded: int
     bits: int
-    accumulations: int   # products per narrow lane before widening (2 smlal; sdot: 4, SDOT's
-    #                      dot length into an int32 lane, nothing narrow)
+    accumulations: int   # products per narrow lane before widening (smlal: 2 unless set; sdot:
+    #                      4, SDOT's dot length into an int32 lane, nothing narrow)
     requant: bool
     asm: str
     account: tuple = field(repr=False)
@@ -115,6 +121,16 @@ class KernelProgram:
     def instructions(self) -> int:
         """Dynamic instructions per tile (labels excluded)."""
         return sum(n * len(parse(text)) for _, text, n in self.account)
+
+    @cached_property
+    def mnemonic_counts(self) -> dict:
+        """Dynamic instructions per tile by mnemonic, e.g. ``{"smlal": 96, "sadalp": 8, ...}``
+        (most frequent first); the values sum to :attr:`instructions`."""
+        counts: dict[str, int] = {}
+        for _, text, n in self.account:
+            for ins in parse(text):
+                counts[ins.mnemonic] = counts.get(ins.mnemonic, 0) + n
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _ld1(regs, arr, ptr):
@@ -232,6 +248,72 @@ def _gen_smlal(mr, nr, kp, requant):
                 f"addp v{a[m]}.4s, v{t0}.4s, v{t1}.4s"]
     epi += _store(a, nr, requant)
     return pro, [("loop", "smlal_k", body, kp // 16)], epi
+
+
+def _after_last_use(steps):
+    """Emit ``steps`` = [(loads, compute)] with each load of step p+1 placed right after the last
+    instruction of step p that reads its destination register (single-buffered registers: the
+    next step's operands arrive as early as the current step lets them)."""
+    out = list(steps[0][0])
+    for p, (_, comp) in enumerate(steps):
+        nxt = steps[p + 1][0] if p + 1 < len(steps) else []
+        after: dict[int, list] = {}
+        for ld in nxt:
+            dest = ld.split("{")[1].split(".")[0] + "."            # "v5."
+            last = max((i for i, ins in enumerate(comp) if dest in ins.split(None, 1)[1]),
+                       default=-1)
+            after.setdefault(last, []).append(ld)
+        out += after.get(-1, [])
+        for i, ins in enumerate(comp):
+            out.append(ins)
+            out += after.get(i, [])
+    return out
+
+
+def _gen_smlal_acc(mr, kp, acc_n, requant):
+    # smlal with acc_n > 2 products per int16 lane: acc_n / 2 depth groups of 16 accumulate into
+    # one int16 register per output (SMULL/SMLAL low halves, SMLAL2 high halves), one SADALP
+    # per output per loop iteration. Registers: int32 accumulators v(32-4MR).., int16 v(32-8MR)..,
+    # operands below (two sets when they fit: the next group loads during this one)
+    acc = [[32 - 4 * mr + 4 * m + n for n in range(4)] for m in range(mr)]
+    t16 = [[32 - 8 * mr + 4 * m + n for n in range(4)] for m in range(mr)]
+    free = list(range(32 - 8 * mr))
+    per = mr + 4
+    sets = 2 if len(free) >= 2 * per else 1
+    pairs = [(m, n) for m in range(mr) for n in range(4)]
+
+    def block(groups):
+        steps = []
+        for g in range(groups):
+            regs = free[(g % sets) * per:(g % sets + 1) * per]
+            ra, rb = regs[:mr], regs[mr:]
+            loads = [f"ld1 {{v{r}.16b}}, [x0], #16" for r in ra] + \
+                [f"ld1 {{v{r}.16b}}, [x1], #16" for r in rb]
+            op = "smull" if g == 0 else "smlal"    # SMULL starts the int16 segment: no zeroing
+            comp = [f"{op} v{t16[m][n]}.8h, v{ra[m]}.8b, v{rb[n]}.8b" for m, n in pairs]
+            comp += [f"smlal2 v{t16[m][n]}.8h, v{ra[m]}.16b, v{rb[n]}.16b" for m, n in pairs]
+            steps.append((loads, comp))
+        body = _pipeline(steps, True) if sets == 2 else _after_last_use(steps)
+        return body + [f"sadalp v{acc[m][n]}.4s, v{t16[m][n]}.8h" for m, n in pairs]
+
+    # K (padded to 16) = full blocks of acc_n / 2 groups in the loop + a shorter tail block
+    # (fewer products per lane, so no new wrap), as a real kernel handles the K remainder
+    full, tail = divmod(kp // 16, acc_n // 2)
+    pro = [f"movi v{r}.4s, #0" for row in acc for r in row]
+    parts = []
+    if full:
+        pro.append(f"mov x4, #{full}")
+        parts.append(("loop", "smlal_acc", block(acc_n // 2), full))
+    if tail:
+        parts.append(("once", block(tail), 1))
+    rows = free[:mr]
+    epi, t0, t1 = [], t16[0][0], t16[0][1]
+    for m in range(mr):
+        r = acc[m]
+        epi += [f"addp v{t0}.4s, v{r[0]}.4s, v{r[1]}.4s", f"addp v{t1}.4s, v{r[2]}.4s, v{r[3]}.4s",
+                f"addp v{rows[m]}.4s, v{t0}.4s, v{t1}.4s"]
+    epi += _store(rows, 4, requant)
+    return pro, parts, epi
 
 
 def _gen_sdot(mr, nr, kp, unroll, requant):
@@ -355,10 +437,13 @@ def _generate(kernel, mr, nr, k, bits, acc_n, unroll, requant):
     # step's loads can overlap); 256 (the widening period) stays a multiple of it
     seg_per_iter = 1 if kernel != "mla-lowbit" else \
         next(d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) if d * acc_n >= 4)
-    kstep = {"smlal": 16, "sdot": 4 * unroll, "int7": 2 * (acc_n or 0),
+    kstep = {"smlal": 8 * (acc_n or 2), "sdot": 4 * unroll, "int7": 2 * (acc_n or 0),
              "mla-lowbit": (acc_n or 0) * seg_per_iter}[kernel]
-    kp = -(-k // kstep) * kstep
-    if kernel == "smlal":
+    pad_to = 16 if kernel == "smlal" else kstep      # smlal: a tail block takes the remainder
+    kp = -(-k // pad_to) * pad_to
+    if kernel == "smlal" and acc_n != 2:
+        pro, parts, epi = _gen_smlal_acc(mr, kp, acc_n, requant)
+    elif kernel == "smlal":
         pro, parts, epi = _gen_smlal(mr, nr, kp, requant)
     elif kernel == "sdot":
         pro, parts, epi = _gen_sdot(mr, nr, kp, unroll, requant)
@@ -388,7 +473,7 @@ def _generate(kernel, mr, nr, k, bits, acc_n, unroll, requant):
             account.append(("once", "\n".join(lines + tail), n))
     text += epi
     account.append(("once", "\n".join(epi), 1))
-    acc_report = {"smlal": 2, "sdot": 4, "int7": acc_n, "mla-lowbit": acc_n}[kernel]
+    acc_report = {"smlal": acc_n, "sdot": 4, "int7": acc_n, "mla-lowbit": acc_n}[kernel]
     return KernelProgram(kernel, mr, nr, kstep, kp, bits, acc_report, requant,
                          "\n".join(text) + "\n", tuple(account))
 
@@ -396,6 +481,33 @@ def _generate(kernel, mr, nr, k, bits, acc_n, unroll, requant):
 # ---- validation -------------------------------------------------------------------------------
 def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_accumulations(kernel, accumulations, bits, mr, tile):
+    if kernel in ("int7", "mla-lowbit"):
+        safe = _max_acc(7, 7, 16) if kernel == "int7" else _max_acc(bits, bits, 8)
+        if accumulations is None:
+            accumulations = safe
+        if not _is_int(accumulations) or not 1 <= accumulations <= _MAX_ACCUMULATIONS:
+            raise ValueError(f"accumulations must be an int in 1..{_MAX_ACCUMULATIONS}, got "
+                             f"{accumulations!r}")
+        accumulations = int(accumulations)
+    elif kernel == "smlal":
+        accumulations = 2 if accumulations is None else accumulations
+        if (not _is_int(accumulations) or not 2 <= accumulations <= _MAX_ACCUMULATIONS
+                or accumulations % 2):
+            raise ValueError(f"accumulations for kernel 'smlal' must be an even int in "
+                             f"2..{_MAX_ACCUMULATIONS} (SMULL/SMLAL + SMLAL2 add two products "
+                             f"per int16 lane per depth group of 16), got {accumulations!r}")
+        accumulations = int(accumulations)
+        if accumulations > 2 and mr > 3:
+            raise ValueError(f"tile for kernel 'smlal' with accumulations={accumulations} must "
+                             f"have MR in 1..3 (MR x 4 int16 and int32 sums stay live), got "
+                             f"{tile!r}")
+    elif accumulations is not None:
+        raise ValueError("accumulations applies to kernels 'smlal', 'int7' and 'mla-lowbit' only, "
+                         f"got accumulations={accumulations!r} for {kernel!r}")
+    return accumulations
 
 
 def _check_config(kernel, tile, bits, accumulations, unroll, requant):
@@ -411,6 +523,8 @@ def _check_config(kernel, tile, bits, accumulations, unroll, requant):
     bits = int(bits)
     if tile is None:
         tile = _DEFAULT_TILE[kernel]
+        if kernel == "smlal" and accumulations not in (None, 2):
+            tile = (2, 4)         # 4 x 4 has no registers for 16 live int16 sums
     if (not isinstance(tile, (tuple, list)) or len(tile) != 2 or not all(map(_is_int, tile))):
         raise ValueError(f"tile must be a pair (MR, NR) of ints, got {tile!r}")
     mr, nr = map(int, tile)
@@ -436,17 +550,7 @@ def _check_config(kernel, tile, bits, accumulations, unroll, requant):
                          f"{kernel!r}")
     else:
         unroll = 1
-    if kernel in ("int7", "mla-lowbit"):
-        safe = _max_acc(7, 7, 16) if kernel == "int7" else _max_acc(bits, bits, 8)
-        if accumulations is None:
-            accumulations = safe
-        if not _is_int(accumulations) or not 1 <= accumulations <= _MAX_ACCUMULATIONS:
-            raise ValueError(f"accumulations must be an int in 1..{_MAX_ACCUMULATIONS}, got "
-                             f"{accumulations!r}")
-        accumulations = int(accumulations)
-    elif accumulations is not None:
-        raise ValueError("accumulations applies to kernels 'int7' and 'mla-lowbit' only, got "
-                         f"accumulations={accumulations!r} for {kernel!r}")
+    accumulations = _check_accumulations(kernel, accumulations, bits, mr, tile)
     if requant and mr * nr % 16:
         raise ValueError(f"requant needs MR*NR to be a multiple of 16 (16 int8 outputs per "
                          f"store), got tile {tile!r}")
@@ -601,7 +705,18 @@ def _segment_sums(a, b, kp, seg, group, lane_bits):
 
 def _fast_result(prog, a, b):
     kernel = prog.kernel
-    if kernel == "smlal":
+    if kernel == "smlal" and prog.accumulations != 2:
+        # lane j of a block of 8 * accumulations k holds k = 8 i + j, i < accumulations
+        bound = int(np.abs(a.astype(np.int64)).max()) * int(np.abs(b.astype(np.int64)).max())
+        if prog.accumulations * bound <= (1 << 15) - 1:
+            c = _exact(a, b)
+        else:
+            k1 = prog.k_padded // prog.kstep * prog.kstep      # the loop's blocks, then the tail
+            c = _segment_sums(a[:, :k1], b[:k1], k1, prog.accumulations, 8, 16) if k1 else 0
+            if k1 < a.shape[1]:
+                c = c + _segment_sums(a[:, k1:], b[k1:], prog.k_padded - k1,
+                                      (prog.k_padded - k1) // 8, 8, 16)
+    elif kernel == "smlal":
         c = _exact(a, b)
         if (a == -128).any() and (b == -128).any():
             # lane j of a 16-deep block holds k = j and j + 8: MIN*MIN twice = 32768 wraps
@@ -715,9 +830,11 @@ def run_gemm(A, B, kernel: str = "sdot", core: str = "cortex-a55", bits=None, tr
     (default 8, 8, 7; required for mla-lowbit: 2, 3 or 4). ``requant``: (multiplier, shift,
     zero_point), scalars or (N,) arrays, gives an int8 result (see :func:`requantize_reference`).
     ``tile``: (MR, NR); ``unroll``: sdot's K-loop unroll (K-step 4*unroll).
-    ``accumulations`` (int7, mla-lowbit; UNSAFE above the default): products per narrow lane
-    before widening; above ``max_accumulations`` the lanes can wrap, and the result (fast path
-    and trace alike) is what the kernel computes, not A @ B.
+    ``accumulations`` (smlal, int7, mla-lowbit; UNSAFE above the default): products per narrow
+    lane before widening (smlal: even, default 2; above 2 the tile's MR must be 1..3, default
+    tile 2 x 4); above ``max_accumulations`` the lanes can wrap, and the result (fast path and
+    trace alike) is what the kernel computes, not A @ B (INT7 operands in the narrow range
+    [-63, 63] fit 8 products per int16 lane: 8 * 63^2 = 31752).
     ``trace=True`` runs the kernel on a :class:`~refimpl.neon.Machine` for every tile (small
     sizes); ``trace=False`` computes the same bits in numpy and cycles from per-tile accounting.
     Raises :class:`~refimpl.neon.FeatureError` for sdot on a core without dotprod.

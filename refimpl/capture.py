@@ -107,7 +107,8 @@ def capture_activations(model: nn.Module, x: torch.Tensor, names: Iterable[str] 
     A module called several times in one forward (a shared ReLU) would be ambiguous: ValueError.
 
     Used in :ref:`ch1-sec-symmetric-and-asymmetric-grids`, :ref:`ch2-sec-clipping`,
-    :ref:`ch3-sec-activations`, :ref:`ch4-sec-a-real-layer-through-a-kernel`.
+    :ref:`ch3-sec-activations`, :ref:`ch4-sec-a-real-layer-through-a-kernel`,
+    :ref:`ch8-sec-what-pwlq-costs-at-inference`.
     """
     _check_model(model)
     modules = dict(model.named_modules())

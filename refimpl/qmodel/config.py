@@ -50,7 +50,8 @@ class QuantConfig:
                             range method; "ste", "lsq": learned during QAT, see ``set_trainable``;
                             "pwlq": piecewise linear weights, post-training, weights only).
 
-    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch6-sec-the-qat-pipeline`.
+    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch6-sec-the-qat-pipeline`,
+    :ref:`ch8-sec-post-training-quantization-with`.
     """
 
     weight_bits: int = 8

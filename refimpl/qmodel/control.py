@@ -27,14 +27,17 @@ def _check_qmodel(qmodel):
 def quant_layers(qmodel: nn.Module) -> dict:
     """{layer name: QuantConv1d/2d/3d or QuantLinear module} in module order.
 
-    Used in :ref:`ch5-sec-where-the-quantizers-go`.
+    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch8-sec-choosing-the-breakpoint`.
     """
     _check_qmodel(qmodel)
     return {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
 
 
 def weight_quantizers(qmodel: nn.Module) -> dict:
-    """{layer name: WeightQuantizer}."""
+    """{layer name: WeightQuantizer}.
+
+    Used in :ref:`ch8-sec-post-training-quantization-with`.
+    """
     return {n: m.weight_quantizer for n, m in quant_layers(qmodel).items()}
 
 
@@ -56,7 +59,7 @@ def calibrate(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None
     its range method (``QuantConfig.act_range_method``). Afterwards the sites quantize (those
     that were "off" stay off).
 
-    Used in :ref:`ch5-sec-the-results-table`.
+    Used in :ref:`ch5-sec-the-results-table`, :ref:`ch8-sec-post-training-quantization-with`.
     """
     _check_qmodel(qmodel)
     check_float_tensor(x, "x")

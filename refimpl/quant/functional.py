@@ -362,7 +362,7 @@ def fake_quant(x: torch.Tensor, scale, zero_point, spec: QuantSpec, rounding: st
     x: floating tensor (float16/bfloat16/float32/float64), any shape. Returns x's shape and dtype.
 
     Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-the-affine-map`,
-    :ref:`ch3-sec-the-last-layer-cross-entropy`.
+    :ref:`ch3-sec-the-last-layer-cross-entropy`, :ref:`ch8-sec-the-piecewise-grid`.
     """
     check_float_tensor(x, "x")
     check_choice(rounding, "rounding", ROUNDING_MODES)

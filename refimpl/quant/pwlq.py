@@ -57,11 +57,17 @@ __all__ = ["PWLQ_SCHEMES", "PWLQ_BREAKPOINT_METHODS", "pwlq", "pwlq_breakpoint",
            "pwlq_decompose", "PWLQDecomposition"]
 
 PWLQ_SCHEMES = ("signed_centre", "eq3")
-"""The PWLQ grids ``pwlq`` offers: the released code's (``pw_opt=2``) and Eq. 3 read literally."""
+"""The PWLQ grids ``pwlq`` offers: the released code's (``pw_opt=2``) and Eq. 3 read literally.
+
+Used in :ref:`ch8-sec-the-piecewise-grid`.
+"""
 
 PWLQ_BREAKPOINT_METHODS = ("search", "gaussian_closed_form", "laplace_closed_form",
                            "gaussian_expected_error", "laplace_expected_error")
-"""How ``pwlq_breakpoint`` chooses p: MSE search, the paper's closed forms, Eq. 4's optimum."""
+"""How ``pwlq_breakpoint`` chooses p: MSE search, the paper's closed forms, Eq. 4's optimum.
+
+Used in :ref:`ch8-sec-choosing-the-breakpoint`.
+"""
 
 # The released code's fits (find_optimal_breakpoint), printed rounded in §5.1 as
 # "ln(0.8614 m + 0.6079)" and "0.8030 sqrt(m) - 0.3167"; both in units of the standard deviation.
@@ -192,6 +198,8 @@ def pwlq(x: torch.Tensor, bits: int, m, p, *, axis: int | None = 0, scheme: str 
     one (m, p) for the whole tensor). Weights: per output channel, ``axis=0``, with (m, p) from
     :func:`pwlq_breakpoint`. Computed in float32 (float64 for float64 x).
     Returns x's shape and dtype, every value a PWLQ level.
+
+    Used in :ref:`ch8-sec-the-piecewise-grid`, :ref:`ch8-sec-choosing-the-breakpoint`.
     """
     rows, bits, m, p, axis = _prepare(x, bits, m, p, axis, scheme)
     return _from_rows(_value(rows, bits, m, p, scheme), x, axis).to(x.dtype)
@@ -323,6 +331,8 @@ def pwlq_breakpoint(x: torch.Tensor, bits: int, method: str = "search", *, axis:
     output channel), or None for one (m, p) over the whole tensor.
     Returns (m, p), each (channels,) (0-d for ``axis=None``), float32 (float64 for float64 x), on
     x's device, with 0 < p < m (or m = p = 0).
+
+    Used in :ref:`ch8-sec-choosing-the-breakpoint`, :ref:`ch8-sec-what-pwlq-costs-at-inference`.
     """
     check_float_tensor(x, "x")
     bits = _check_bits(bits)
@@ -434,6 +444,8 @@ def pwlq_decompose(x: torch.Tensor, bits: int, m, p, *, axis: int | None = 0,
 
     Arguments as :func:`pwlq`. Returns a :class:`PWLQDecomposition` whose ``dequantize()`` equals
     ``pwlq(x, bits, m, p, axis=axis, scheme=scheme)`` in float32 (float64 for float64 x) exactly.
+
+    Used in :ref:`ch8-sec-what-pwlq-costs-at-inference`.
     """
     rows, bits, m, p, ax = _prepare(x, bits, m, p, axis, scheme)
     cc, tc, ts, sc, st = _pieces(rows, bits, m, p, scheme)

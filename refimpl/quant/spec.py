@@ -29,7 +29,8 @@ class QuantSpec:
                        that dimension (per-channel).
 
     Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-the-affine-map`,
-    :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch6-sec-the-straight-through-estimator`.
+    :ref:`ch3-sec-why-the-range-matters-clipping`,
+    :ref:`ch6-sec-the-straight-through-estimator`, :ref:`ch8-sec-the-piecewise-grid`.
     """
 
     bits: int = 8

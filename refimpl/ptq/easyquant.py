@@ -569,7 +569,7 @@ def easyquant(model: nn.Module, calib_data: torch.Tensor, weight_bits: int = 8, 
     Algorithm 1; see the module docstring for the paper, the released tool and our choices).
 
     model: a float model (BatchNorm is folded first; not modified). calib_data: float
-    (N, *input_shape); its first ``num_samples`` rows are used (the paper: 50 random samples;
+    ``(N, *input_shape)``; its first ``num_samples`` rows are used (the paper: 50 random samples;
     ``DataSplit.x_calib`` is already a random draw), cast to the model's dtype and device.
     weight_bits, act_bits: 2..16, on the grids of :func:`easyquant_config`.
     variant: "paper" or "released" (:data:`EASYQUANT_VARIANTS`). alpha < beta, n: the paper's

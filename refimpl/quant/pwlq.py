@@ -19,7 +19,7 @@ Two schemes (``PWLQ_SCHEMES``):
   step (m - p) / (2^(b-1) - 1). The centre's top level is (2^b - 2)/(2^b - 1) p < p, so the
   2^b - 1 centre levels and 2 x 2^(b-1) tail levels are all distinct: 2^(b+1) - 1 levels, as many
   as a (b+1)-bit grid ("b-bit PWLQ has the same number of levels as (b+1)-bit uniform", §3).
-* ``"eq3"``: Eq. 3 read literally: the centre's magnitude |r| on [0, p] gets a (b-1)-bit grid
+* ``"eq3"``: Eq. 3 read literally: the centre's magnitude ``|r|`` on [0, p] gets a (b-1)-bit grid
   of step p / (2^(b-1) - 1) whose top level is p itself, also the tails' first level, so two of
   the 2^(b+1) - 1 codes are wasted (2^(b+1) - 3 distinct levels) and the centre step is
   slightly coarser ((2^b - 1) / (2^b - 2) times the released code's).

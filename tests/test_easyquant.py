@@ -307,3 +307,27 @@ def test_no_device_is_hard_coded():
     import importlib
     source = open(importlib.import_module("refimpl.ptq.easyquant").__file__).read()
     assert '"cpu"' not in source and "'cpu'" not in source and ".cuda" not in source
+
+
+def test_easyquant_baseline_is_the_grid_with_unsearched_scales():
+    # the baseline shares easyquant's grids; with min-max ranges its weight scales are the max-abs
+    # start easyquant begins from, and bad calibration data is refused
+    from refimpl.ptq import easyquant_baseline, easyquant_config
+    from refimpl.qmodel import weight_quantizers
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    x = torch.randn(20, 1, 8, 8)
+    q = easyquant_baseline(model, x, 5, 5)
+    specs = {n: wq.spec for n, wq in weight_quantizers(q).items()}
+    assert all(sp.bits == 5 and sp.narrow_range and sp.axis == 0 for sp in specs.values())
+    for name, wq in weight_quantizers(q).items():
+        w = q.get_submodule(name).weight.detach()
+        expected = w.flatten(1).abs().amax(1) / 15
+        assert torch.allclose(wq.scale.flatten(), expected, rtol=1e-6), name
+    assert torch.isfinite(q(x)).all()
+    q_kl = easyquant_baseline(model, x, 5, 5, range_method="kl_tensorrt")
+    assert torch.isfinite(q_kl(x)).all()
+    with pytest.raises(ValueError, match="calib_data"):
+        easyquant_baseline(model, x[:0], 5, 5)
+    with pytest.raises(ValueError, match="act_range_method"):
+        easyquant_baseline(model, x, 5, 5, range_method="nope")

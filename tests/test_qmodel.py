@@ -649,3 +649,31 @@ def test_kinds_declare_whether_they_need_a_range_and_follow_new_qparams():
     assert aq.use_lsq                           # zero point 0: LSQ proper
     aq.set_qparams(torch.tensor(0.1), torch.tensor(3.0))
     assert not aq.use_lsq                       # update() follows the new zero point
+
+
+def test_kl_tensorrt_activation_ranges_match_calib():
+    # the observer's "kl_tensorrt" range: calib.kl_tensorrt on what the site saw, zeros left out,
+    # symmetric ([-t, t]) for a signed grid and [0, t] for an unsigned one with as many levels
+    from refimpl.calib import kl_tensorrt
+    from refimpl.capture import capture_activations
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    x = torch.randn(24, 1, 8, 8)
+    q = quantize_model(model, QuantConfig(act_bits=6, act_symmetric=True, act_range_method="kl_tensorrt"))
+    calibrate(q, x)
+    aqs = act_quantizers(q)
+    names = {m: n for n, m in q.named_modules()}
+    set_quant_state(q, weights=True, acts=False)       # calibration saw quantized weights, float activations
+    seen = capture_activations(q, x, [names[a] for a in aqs.values()], where="input")
+    set_quant_state(q, weights=True, acts=True)
+    kinds = set()
+    for site, aq in aqs.items():
+        v = seen[names[aq]].float()
+        bits = aq.spec.bits + (0 if aq.spec.signed else 1)
+        t = kl_tensorrt(v, QuantSpec(bits, True, True), ignore_zeros=True)[1]
+        assert 0 < float(t) <= float(v.abs().max()) + 1e-6, site
+        from refimpl.quant import qparams
+        expected, _ = qparams(-t if aq.spec.signed else torch.zeros(()), t, aq.spec)
+        assert torch.allclose(aq.scale.reshape(()), expected.reshape(()), rtol=1e-6), site
+        kinds.add(aq.spec.signed)
+    assert kinds == {True, False}      # both an unsigned (after the ReLU) and a signed site were checked

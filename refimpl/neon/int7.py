@@ -49,6 +49,8 @@ def max_smlal_accumulations(bits: int, *, narrow_range: bool = True) -> int:
     2 at 8 bits, 8 at 7 bits (operands in ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]``).
     ``narrow_range=False`` allows ``-2^(bits-1)``, whose square is one larger: 1 at 8 bits, 7 at
     7 bits (:func:`refimpl.neon.max_accumulations` ``(bits, bits, 16)``). ``bits`` in 2..8.
+
+    Used in :ref:`ch7-sec-int7-on-arm`.
     """
     bits = _check_int("bits", bits, 2, 8)
     top = (1 << (bits - 1)) - (1 if narrow_range else 0)
@@ -101,6 +103,8 @@ def smlal_accumulate(a, w, accumulations: int, *, core: str = "cortex-a53") -> A
     :data:`~refimpl.neon.CORES` (the instruction is the same on all). With ``a = w = 127``
     the first wrap is at accumulation 3 (``3 * 16129 > 32767``), with ``63`` at 9, with
     ``-128`` at 2 and with ``-64`` at 8 (the paper's 8 needs the narrow range).
+
+    Used in :ref:`ch7-sec-int7-on-arm`.
     """
     av, wv = _lane_operand("a", a), _lane_operand("w", w)
     n = _check_int("accumulations", accumulations, 1, 4096)
@@ -138,6 +142,8 @@ def conv_gemm_shape(input_shape, out_channels: int, kernel_size, *, stride=1, pa
     ``input_shape``: (N, C, L) or (N, C, H, W); ``kernel_size``, ``stride``, ``padding``,
     ``dilation``: an int or one per spatial dimension. Output size per dimension:
     ``(size + 2 padding - dilation (kernel - 1) - 1) // stride + 1`` (torch's formula).
+
+    Used in :ref:`ch7-sec-int7-on-arm`.
     """
     if not isinstance(input_shape, (tuple, list)) or len(input_shape) not in (3, 4) or not all(
             isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
@@ -192,7 +198,10 @@ INT7_CONFIGS: tuple[KernelConfig, ...] = (
 """The comparison of the INT7 argument: chapter 4's INT8 SMLAL kernel (4 x 4, two products per
 int16 lane); the same SMLAL kernel at INT8 (2 per lane) and INT7 (8 per lane, the paper's count)
 on the same 3 x 4 and 2 x 4 tiles (like for like: only the products per lane change); and the
-``int7`` kernel (LD1R broadcasts, 7 per lane, full-range safe) against chapter 4's INT8 kernel."""
+``int7`` kernel (LD1R broadcasts, 7 per lane, full-range safe) against chapter 4's INT8 kernel.
+
+Used in :ref:`ch7-sec-int7-on-arm`.
+"""
 
 
 @dataclass
@@ -232,6 +241,8 @@ def compare_kernels(m: int, k: int, n: int, configs=INT7_CONFIGS, *, cores=None,
     :data:`~refimpl.neon.CORES`. ``llvm_mca=True`` also times each K loop with llvm-mca-19
     (cortex-a55, -a72, -a76; FileNotFoundError if it is not installed). Returns one
     :class:`KernelComparison` per config, in order.
+
+    Used in :ref:`ch7-sec-int7-on-arm`.
     """
     dims = [_check_int(nm, v, 1, 1 << 24) for nm, v in (("m", m), ("k", k), ("n", n))]
     cores = CORES if cores is None else tuple(cores)
@@ -472,6 +483,8 @@ def ncnn_int8_gemm(A, B, *, core: str = "cortex-a53", trace: bool = False) -> Ge
     :class:`~refimpl.neon.Machine` (small sizes); otherwise numpy gives the (identical) result
     and cycles come from the pieces: prologue and epilogue timed once, the loop at its steady
     state. The ADDP reduction and a single 64-byte store stand in for ncnn's per-row stores.
+
+    Used in :ref:`ch7-sec-int7-on-arm`.
     """
     if core not in CORES:
         raise ValueError(f"core must be one of {CORES}, got {core!r}")

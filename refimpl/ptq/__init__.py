@@ -15,7 +15,7 @@ from .adaround import adaround
 from .bias_correction import bias_correction_analytic, bias_correction_empirical, relu6_mean, relu_mean
 from .channels import weight_ranges
 from .cle import CLEPair, CLEReport, cross_layer_equalization, find_equalization_chains, high_bias_absorption
-from .easyquant import EASYQUANT_VARIANTS, EasyQuantLayer, easyquant, easyquant_config
+from .easyquant import EASYQUANT_VARIANTS, EasyQuantLayer, easyquant, easyquant_baseline, easyquant_config
 from .pipeline import (BIAS_CORRECTIONS, PipelineResult, pipeline_accuracies, pipeline_accuracy,
                        quantization_sensitivity, standard_pipeline, with_config)
 
@@ -24,5 +24,5 @@ __all__ = [
     "bias_correction_empirical", "bias_correction_analytic", "weight_ranges", "relu_mean", "relu6_mean",
     "adaround", "standard_pipeline", "PipelineResult", "pipeline_accuracy", "pipeline_accuracies",
     "quantization_sensitivity", "with_config", "BIAS_CORRECTIONS",
-    "easyquant", "easyquant_config", "EasyQuantLayer", "EASYQUANT_VARIANTS",
+    "easyquant", "easyquant_config", "easyquant_baseline", "EasyQuantLayer", "EASYQUANT_VARIANTS",
 ]

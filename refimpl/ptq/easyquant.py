@@ -87,10 +87,10 @@ from ..calib import kl_tensorrt
 from ..capture import capture_activations
 from ..fold import fold_all_bn
 from ..graph import BN_LAYERS, activation_kind, fused_relu, nodes_of
-from ..qmodel import QuantConfig, act_quantizers, input_sites, quant_layers, quantize_model
+from ..qmodel import QuantConfig, act_quantizers, calibrate, input_sites, quant_layers, quantize_model
 from ..quant import QuantSpec, fake_quant
 
-__all__ = ["easyquant", "easyquant_config", "EasyQuantLayer", "EASYQUANT_VARIANTS"]
+__all__ = ["easyquant", "easyquant_config", "easyquant_baseline", "EasyQuantLayer", "EASYQUANT_VARIANTS"]
 
 EASYQUANT_VARIANTS = ("paper", "released")
 """The variants of :func:`easyquant`: the paper's search, and the authors' released tool's."""
@@ -162,6 +162,27 @@ def easyquant_config(model: nn.Module, weight_bits: int = 8, act_bits: int = 8) 
     qm = quantize_model(_folded(model), base)
     unsigned = {name: act_bits - 1 for name, q in act_quantizers(qm).items() if not q.spec.signed}
     return dataclasses.replace(base, site_act_bits=unsigned)
+
+
+def easyquant_baseline(model: nn.Module, calib_data: torch.Tensor, weight_bits: int = 8, act_bits: int = 8, *,
+                       range_method: str = "minmax") -> nn.Module:
+    """The baseline EasyQuant is compared with: its grids, scales not searched (Wu et al. 2020, Table 1).
+
+    The BN-folded model quantized on :func:`easyquant_config`'s grids, weights at max-abs per
+    output channel, activation ranges by ``range_method`` (``refimpl.qmodel.ACT_RANGES``:
+    "minmax", "mse", "percentile", or "kl_tensorrt", the paper's TRT baseline) calibrated on all
+    of ``calib_data`` (N, ...). Only the scales differ from :func:`easyquant`'s result.
+    Returns the quantized model in eval mode.
+
+    Used in :ref:`ch7-sec-accuracy-against-min-max-kl-and`.
+    """
+    check_float_tensor(calib_data, "calib_data")
+    if calib_data.ndim < 2 or calib_data.shape[0] == 0:
+        raise ValueError(f"calib_data must be (N, ...) with N >= 1, got shape {tuple(calib_data.shape)}")
+    config = dataclasses.replace(easyquant_config(model, weight_bits, act_bits), act_range_method=range_method)
+    qm = quantize_model(_folded(model), config)
+    calibrate(qm, calib_data)
+    return qm.eval()
 
 
 def _site_values(qm: nn.Module, x: torch.Tensor) -> dict:
@@ -584,6 +605,8 @@ def easyquant(model: nn.Module, calib_data: torch.Tensor, weight_bits: int = 8, 
     Returns the quantized model (``refimpl.qmodel.quantize_model`` of the BN-folded model, eval
     mode, on the model's device, every quantizer fixed at its searched scale), and with
     ``return_report=True`` also a list of :class:`EasyQuantLayer`, one per layer in network order.
+
+    Used in :ref:`ch7-sec-the-scale-search`.
     """
     _check_arguments(model, calib_data, weight_bits, act_bits, variant, alpha, beta, n, rounds, act_init,
                      num_samples, {"batched": batched, "progress": progress, "return_report": return_report})

@@ -34,7 +34,7 @@ class QuantConfig:
                             always use [0, 2^b - 1] with zero_point 0, which is what both choices give
                             for a non-negative tensor.
         weight_range_method: "minmax" | "mse": the range method on the weight tensor (refimpl.calib).
-        act_range_method:   "minmax" | "mse" | "percentile": on the calibration activations.
+        act_range_method:   "minmax" | "mse" | "percentile" | "kl_tensorrt": on the calibration activations.
         act_percentile:     q for "percentile" (in [50, 100]).
         act_samples:        values per site kept for "mse" (randomly subsampled: calib.mse costs
                             ~10-20 us per value) and 100x that for "percentile".

@@ -2,8 +2,8 @@
 
 White paper §3.1 "Quantization range setting": an activation's range is set from statistics
 gathered on calibration data. An :class:`Observer` keeps the running min and max, and for the
-"mse" and "percentile" range methods a random subsample of the values (calib.mse costs ~10-20 us
-per value, so it sees ``samples`` values; a percentile needs 100x more for its tail). The range
+"mse", "percentile" and "kl_tensorrt" range methods a random subsample of the values (calib.mse costs ~10-20 us
+per value, so it sees ``samples`` values; a percentile or a histogram needs 100x more for its tail). The range
 itself comes from the pure functions of ``refimpl.calib``; the scale and zero point from
 ``refimpl.quant.qparams``.
 """
@@ -20,14 +20,28 @@ from ..quant import QuantSpec
 __all__ = ["Observer", "KEPT_SAMPLES", "tensor_range"]
 
 # the range methods an Observer supports, and the values it keeps for each, as a multiple of ``samples``
-KEPT_SAMPLES = {"minmax": 0, "mse": 1, "percentile": 100}
+KEPT_SAMPLES = {"minmax": 0, "mse": 1, "percentile": 100, "kl_tensorrt": 100}
 
 
 def tensor_range(x: torch.Tensor, spec: QuantSpec, range_method: str, percentile: float = 99.99):
     """(xmin, xmax) of tensor x by ``range_method`` (a name in ``refimpl.calib.RANGE_METHODS``),
-    per tensor or along spec.axis (white paper §3.1); "percentile" at the given percentile."""
+    per tensor or along spec.axis (white paper §3.1); "percentile" at the given percentile.
+
+    "kl_tensorrt": TensorRT's entropy calibration (``calib.kl_tensorrt``), which is symmetric: the
+    threshold t from the histogram of |x| with exact zeros left out (``ignore_zeros``: the spike a
+    ReLU leaves at 0 would otherwise pull t towards zero); a signed grid gets [-t, t], an unsigned
+    one [0, t], with as many levels on [0, t] as the grid has (a b-bit unsigned grid is matched
+    by a (b+1)-bit signed one). The baseline EasyQuant is compared with (Wu et al. 2020, Table 1).
+
+    Used in :ref:`ch7-sec-accuracy-against-min-max-kl-and`.
+    """
     if range_method == "percentile":
         return calib.percentile(x, spec, percentile)
+    if range_method == "kl_tensorrt":
+        signed = QuantSpec(bits=spec.bits + (0 if spec.signed else 1), signed=True, symmetric=True,
+                           axis=spec.axis)
+        lo, hi = calib.kl_tensorrt(x, signed, ignore_zeros=True)
+        return (lo if spec.signed else torch.zeros_like(lo)), hi
     return calib.range_method_fn(range_method)(x, spec)
 
 

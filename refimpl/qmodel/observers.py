@@ -28,7 +28,7 @@ def tensor_range(x: torch.Tensor, spec: QuantSpec, range_method: str, percentile
     per tensor or along spec.axis (white paper §3.1); "percentile" at the given percentile.
 
     "kl_tensorrt": TensorRT's entropy calibration (``calib.kl_tensorrt``), which is symmetric: the
-    threshold t from the histogram of |x| with exact zeros left out (``ignore_zeros``: the spike a
+    threshold t from the histogram of ``|x|`` with exact zeros left out (``ignore_zeros``: the spike a
     ReLU leaves at 0 would otherwise pull t towards zero); a signed grid gets [-t, t], an unsigned
     one [0, t], with as many levels on [0, t] as the grid has (a b-bit unsigned grid is matched
     by a (b+1)-bit signed one). The baseline EasyQuant is compared with (Wu et al. 2020, Table 1).

@@ -83,6 +83,7 @@ from torch import nn
 
 from .._checks import check_choice, check_float_tensor, check_int, check_positive
 from .._progress import progress_bar
+from ..numerics import sqrt
 from ..calib import kl_tensorrt
 from ..capture import capture_activations
 from ..fold import fold_all_bn
@@ -328,7 +329,7 @@ def _cos_from_sums(dot, nx, ny, sx, sy, m: int) -> torch.Tensor:
         e = _ZERO_SHIFT
         dot = torch.where(zero, dot + e * (sx + sy) + e * e * m, dot)
         nx, ny = torch.where(zero, nx + 2 * e * sx + e * e * m, nx), torch.where(zero, ny + 2 * e * sy + e * e * m, ny)
-    return dot / torch.sqrt(nx * ny)
+    return dot / sqrt(nx * ny)
 
 
 def _cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

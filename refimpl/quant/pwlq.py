@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_choice, check_float_tensor, check_int, normalize_axis
+from ..numerics import sqrt
 
 __all__ = ["PWLQ_SCHEMES", "PWLQ_BREAKPOINT_METHODS", "pwlq", "pwlq_breakpoint", "pwlq_bias_correction",
            "pwlq_decompose", "PWLQDecomposition"]
@@ -350,7 +351,7 @@ def pwlq_breakpoint(x: torch.Tensor, bits: int, method: str = "search", *, axis:
         dist = method.split("_")[0]
         if method.endswith("closed_form"):
             t = (torch.log(_GAUSS_COEF * mhat + _GAUSS_INTERCEPT) if dist == "gaussian"
-                 else _LAPLACE_COEF * torch.sqrt(mhat) + _LAPLACE_INTERCEPT)
+                 else _LAPLACE_COEF * sqrt(mhat) + _LAPLACE_INTERCEPT)
         else:
             t = _expected_error_optimum(mhat, dist)
         p64 = torch.where(spread, t * std, 0.5 * m64)

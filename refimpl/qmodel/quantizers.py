@@ -13,7 +13,10 @@ one activation site) holds the grid (``spec``), the quantization parameters ``sc
   step-size gradient on the asymmetric grid (the zero point then stays where calibration put it);
 * ``"pwlq"``: piecewise linear quantization of weights (Fang et al. 2020, Eq. 3;
   ``refimpl.quant.pwlq``), range and breakpoint computed from the weight itself, per output
-  channel when the spec is per-channel; post-training only (no gradient, not exportable).
+  channel when the spec is per-channel; post-training only (no gradient, not exportable);
+* ``"dsq"``: differentiable soft quantization (Gong et al. 2019, §3.2; ``refimpl.quant.dsq``),
+  learned clipping range [lower, upper] and α; the soft quantizer in training mode, the hard one
+  in eval mode.
 
 A new kind (DSQ, PoT/APoT, PACT, DoReFa, QIL, ...) is a subclass of
 :class:`QuantizerKind` declaring which tensors it learns, its forward, how it initialises from
@@ -34,6 +37,7 @@ from torch import nn
 from .._checks import check_choice
 from ..quant import QuantSpec, fake_quant, lsq_fake_quant, lsq_grad_scale, qparams, ste_fake_quant
 from ..quant.adaround import soft_rounded_weight
+from ..quant.dsq import dsq, dsq_hard
 from ..quant.pwlq import PWLQ_BREAKPOINT_METHODS, PWLQ_SCHEMES, pwlq, pwlq_bias_correction, pwlq_breakpoint
 from .observers import Observer, tensor_range
 
@@ -59,6 +63,10 @@ class QuantizerKind:
     * ``init(q)``: called when ``q`` switches to this kind: derive or create the kind's own state
       from the current (scale, zero_point) (by default: ``update(q)``);
     * ``update(q)``: called whenever (scale, zero_point) are set later (calibration, loading);
+    * ``loaded(q)``: called after ``load_state_dict`` (by default: ``update(q)``); a kind whose
+      learned tensors are not derived from (scale, zero_point) keeps what was loaded;
+    * ``leave(q)``: called when ``q`` switches to another kind: write what was learned back into
+      (scale, zero_point) and remove the kind's own tensors (by default: nothing);
     * ``forward(q, x, elements)``: the fake-quantized x (x's shape and dtype); ``elements`` is
       the number of values that share one scale (LSQ's gradient scale);
     * ``export(q)``: the affine grid a runtime executes, {"scale", "zero_point"} (the default),
@@ -75,6 +83,12 @@ class QuantizerKind:
         self.update(q)
 
     def update(self, q: "Quantizer") -> None:
+        pass
+
+    def loaded(self, q: "Quantizer") -> None:
+        self.update(q)
+
+    def leave(self, q: "Quantizer") -> None:
         pass
 
     def forward(self, q: "Quantizer", x: torch.Tensor, elements: int) -> torch.Tensor:
@@ -235,6 +249,87 @@ class PWLQ(QuantizerKind):
                         "ONNX QuantizeLinear/DequantizeLinear cannot express; see refimpl.quant.pwlq_decompose")
 
 
+@register_kind
+class DSQ(QuantizerKind):
+    """Differentiable soft quantization (Gong et al. 2019, §3.2 and §3.4; ``refimpl.quant.dsq``).
+
+    Learns three tensors, created on the quantizer when it switches to this kind: ``lower`` and
+    ``upper`` (the clipping range [l, u], per output channel for a per-channel weight spec, else
+    scalars), initialised from the calibrated grid as l = (qmin - zero_point)·scale and
+    u = (qmax - zero_point)·scale, so that DSQ's step (u - l)/(2^b - 1) is the calibrated scale;
+    and ``alpha`` (one per quantizer), initialised to ``DSQ.alpha_init`` = 0.2 (the initial α of
+    the ricky40403/DSQ reimplementation; the paper's own was not available). In training mode the
+    forward is the soft quantizer ``dsq``, in eval mode the hard one ``dsq_hard``, as the paper
+    deploys it. α is projected back into [``alpha_min``, ``alpha_max``] before each training
+    forward, because a gradient step can leave (0, 1), where the soft quantizer is undefined
+    (the paper's own treatment was not available).
+
+    The grid has 2^b levels from l to u, so narrow-range specs are refused. ``export`` (and
+    switching to another kind) gives scale = (u - l)/(2^b - 1) and zero_point = qmin - l/scale
+    (rounded on export); l and u are learned separately, so a symmetric spec's zero point may
+    move away from 0.
+    """
+
+    name = "dsq"
+    requires_range = True
+    alpha_init = 0.2
+    alpha_min, alpha_max = 1e-4, 1 - 1e-4
+
+    def learnable(self, q):
+        return ("lower", "upper", "alpha")
+
+    def init(self, q):
+        if q.spec.narrow_range:
+            raise ValueError("the 'dsq' quantizer kind needs 2^b levels: use a spec with narrow_range=False "
+                             "(QuantConfig(weight_narrow_range=False))")
+        if not isinstance(getattr(q, "lower", None), nn.Parameter):
+            self.update(q)
+        if not isinstance(getattr(q, "alpha", None), nn.Parameter):
+            q.alpha = nn.Parameter(torch.tensor(self.alpha_init, device=q.scale.device))
+
+    def update(self, q):
+        with torch.no_grad():
+            lo = (q.spec.qmin - q.zero_point) * q.scale
+            up = (q.spec.qmax - q.zero_point) * q.scale
+        for name, v in (("lower", lo), ("upper", up)):
+            cur = getattr(q, name, None)
+            if isinstance(cur, nn.Parameter):
+                cur.data = v.clone()
+            else:
+                setattr(q, name, nn.Parameter(v.clone()))
+
+    def loaded(self, q):
+        pass
+
+    def _grid(self, q):
+        with torch.no_grad():
+            scale = (q.upper - q.lower) / (2 ** q.spec.bits - 1)
+            return scale.clone(), q.spec.qmin - q.lower / scale
+
+    def leave(self, q):
+        scale, zp = self._grid(q)
+        with torch.no_grad():
+            q.scale = scale.to(q.scale.dtype)
+            q.zero_point = zp.to(q.zero_point.dtype)
+        for name in self.learnable(q):
+            delattr(q, name)
+
+    def export(self, q):
+        scale, zp = self._grid(q)
+        return {"scale": scale, "zero_point": torch.round(zp).clamp(q.spec.qmin, q.spec.qmax).to(torch.int32)}
+
+    def forward(self, q, x, elements):
+        shape = [1] * x.ndim
+        if q.lower.ndim and q.spec.axis is not None:
+            shape[q.spec.axis % x.ndim] = x.shape[q.spec.axis % x.ndim]
+        lo, up = q.lower.reshape(shape), q.upper.reshape(shape)
+        if not q.training:
+            return dsq_hard(x, lo, up, q.spec.bits)
+        with torch.no_grad():
+            q.alpha.clamp_(self.alpha_min, self.alpha_max)
+        return dsq(x, lo, up, q.alpha, q.spec.bits)
+
+
 _BUILT_IN = frozenset(_KINDS)
 
 
@@ -276,9 +371,13 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # per-channel shapes are only known once computed: adopt the checkpoint's shapes
-        for name in ("scale", "zero_point"):
+        names = ("scale", "zero_point") + tuple(n for n in self.kind_impl.learnable(self)
+                                                if n not in ("scale", "zero_point"))
+        for name in names:
             key = prefix + name
-            cur = getattr(self, name)
+            cur = getattr(self, name, None)
+            if cur is None:
+                continue
             if key in state_dict and cur.shape != state_dict[key].shape:
                 empty = torch.empty(state_dict[key].shape, device=cur.device)
                 if isinstance(cur, nn.Parameter):
@@ -286,12 +385,14 @@ class Quantizer(nn.Module):
                 else:
                     setattr(self, name, empty)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.kind_impl.update(self)
+        self.kind_impl.loaded(self)
 
     def set_kind(self, kind: str) -> None:
         """Switch to a registered kind (``quantizer_kinds()``): its learnable tensors become
         Parameters (initialised from the current scale and zero point), the rest buffers."""
         impl = get_kind(kind)
+        if kind != self.kind:
+            self.kind_impl.leave(self)
         scale, zp = self.scale.detach().clone(), self.zero_point.detach().clone()
         for name in ("scale", "zero_point"):
             self._parameters.pop(name, None)

@@ -1,0 +1,140 @@
+"""Differentiable Soft Quantization, DSQ (Gong et al., ICCV 2019, "Differentiable Soft
+Quantization: Bridging Full-Precision and Low-Bit Neural Networks", arXiv 1908.05033), as pure
+tensor math.
+
+DSQ replaces the staircase of a b-bit uniform quantizer on a clipping range [l, u] by a soft
+staircase made of tanh pieces, one per interval, which hardens as α -> 0. With
+Δ = (u - l) / (2^b - 1), interval P_i = [l + iΔ, l + (i + 1)Δ) (i = 0 .. 2^b - 2) and centre
+m_i = l + (i + 1/2)Δ, the soft quantizer reads ::
+
+    φ(x)   = s · tanh(k (x - m_i))                        for x in P_i
+    s      = 1 / (1 - α),      k = (1 / Δ) · log(2/α - 1)
+    Q_S(x) = l                                            for x < l
+           = u                                            for x > u
+           = l + Δ (i + (φ(x) + 1) / 2)                   for x in P_i
+
+Why φ reaches ±1 at the ends of its interval: at x - m_i = ±Δ/2,
+tanh(kΔ/2) = tanh(log(2/α - 1) / 2) = (y - 1)/(y + 1) with y = 2/α - 1 (tanh(log(y)/2) =
+(y - 1)/(y + 1)), which is (2/α - 2)/(2/α) = 1 - α; so φ(m_i ± Δ/2) = ±(1 - α)/(1 - α) = ±1,
+Q_S is continuous across interval boundaries and equal to the grid point l + iΔ there. α is the
+gap between tanh at the interval's end and its asymptote 1: the smaller α, the steeper the tanh
+and the closer Q_S is to rounding (as α -> 0, φ -> sign(x - m_i)).
+
+Provenance. The paper's body was not available when this was written; the definitions above are
+the ones of the book's issue 14, which match the reimplementation ``ricky40403/DSQ``
+(``DSQConv.py``, "Algorithm 1"; s, k, φ and Δ as above) and MQBench's ``dsq`` (k =
+log((s + 1)/(s - 1)), the same value since (s + 1)/(s - 1) = 2/α - 1). The paper's §3.2 defines
+the soft function and §3.4 says l, u and α are learned by back-propagation; here their gradients
+are what autograd gives through the definition (no custom backward; ``floor`` gives the interval
+index a zero gradient). Unlike ``ricky40403/DSQ``, the forward here is Q_S itself, not sign(φ):
+the hard quantizer (``dsq_hard``) is what evaluation uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_float_tensor, check_int
+
+__all__ = ["dsq", "dsq_hard", "dsq_phi"]
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # half and bfloat16 lose the tanh's shape near the interval ends; float64 stays float64
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _as_tensor(v, name: str, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return check_float_tensor(v, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float torch.Tensor or a number, got {type(v).__name__}")
+    return torch.tensor(float(v), device=like.device)
+
+
+def _checked(x, lower, upper, bits):
+    check_float_tensor(x, "x")
+    bits = check_int(bits, "bits", 1, 8)
+    lower, upper = _as_tensor(lower, "lower", x), _as_tensor(upper, "upper", x)
+    if not bool((lower.detach() < upper.detach()).all()):
+        raise ValueError("lower must be < upper everywhere (the clipping range [lower, upper] of DSQ)")
+    return lower, upper, bits
+
+
+def _check_alpha(alpha, x) -> torch.Tensor:
+    alpha = _as_tensor(alpha, "alpha", x)
+    a = alpha.detach()
+    if not bool(((a > 0) & (a < 1)).all()):
+        raise ValueError(f"alpha must lie in the open interval (0, 1), got {a.flatten()[:4].tolist()}")
+    return alpha
+
+
+def _interval(x, lower, upper, bits):
+    """(Δ, i, m_i) of x (already clamped to [l, u]) in the compute dtype."""
+    n = 2 ** bits - 1
+    delta = (upper - lower) / n
+    # floor has zero gradient: the index is piecewise constant in x, l and u
+    i = torch.floor((x - lower) / delta).clamp(0, n - 1)
+    return delta, i, lower + (i + 0.5) * delta
+
+
+def dsq_phi(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
+    """DSQ's soft function φ(x) = s·tanh(k(x - m_i)) (Gong et al. 2019, §3.2), in [-1, 1] inside [l, u].
+
+    x: any shape, float dtype; lower, upper, alpha: tensors (or numbers) broadcastable to x, with
+    lower < upper and 0 < alpha < 1. x is clamped to [l, u] first (outside, Q_S is l or u and φ is
+    not used). Returns x's shape and dtype (computed in float32, or float64 for float64 inputs).
+    """
+    lower, upper, bits = _checked(x, lower, upper, bits)
+    alpha = _check_alpha(alpha, x)
+    dt = _compute_dtype(x, lower, upper, alpha)
+    xc, lo, up, al = x.to(dt), lower.to(dt), upper.to(dt), alpha.to(dt)
+    xc = torch.minimum(torch.maximum(xc, lo), up)
+    return _phi(xc, lo, up, al, bits)[0].to(x.dtype)
+
+
+def _phi(xc, lo, up, al, bits):
+    delta, i, m = _interval(xc, lo, up, bits)
+    s = 1 / (1 - al)
+    k = torch.log(2 / al - 1) / delta
+    return s * torch.tanh(k * (xc - m)), delta, i
+
+
+def dsq(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
+    """DSQ's soft quantizer Q_S(x) (Gong et al. 2019, §3.2): l below l, u above u, else
+    l + Δ(i + (φ(x) + 1)/2) with Δ = (u - l)/(2^b - 1) and φ = s·tanh(k(x - m_i)), s = 1/(1 - α),
+    k = log(2/α - 1)/Δ (module docstring).
+
+    x: any shape, float dtype (float16/bfloat16/float32/float64); lower, upper, alpha: tensors
+    (learnable; or numbers) broadcastable to x, e.g. shape (C, 1, 1, 1) for per-channel conv
+    weights, with lower < upper and 0 < alpha < 1; bits in 1..8. Differentiable in x, lower,
+    upper and alpha by autograd through this definition (§3.4). Returns x's shape and dtype
+    (computed in float32, or float64 when any input is float64).
+    """
+    lower, upper, bits = _checked(x, lower, upper, bits)
+    alpha = _check_alpha(alpha, x)
+    dt = _compute_dtype(x, lower, upper, alpha)
+    xf, lo, up, al = x.to(dt), lower.to(dt), upper.to(dt), alpha.to(dt)
+    # the soft branch on x clamped into [l, u]; where() then picks l or u outside, so that
+    # outside values pass gradient 1 to l or u and none to x or alpha
+    xc = torch.minimum(torch.maximum(xf, lo.detach()), up.detach())
+    phi, delta, i = _phi(xc, lo, up, al, bits)
+    inside = lo + delta * (i + (phi + 1) / 2)
+    out = torch.where(xf < lo, lo.expand_as(inside), torch.where(xf > up, up.expand_as(inside), inside))
+    return out.to(x.dtype)
+
+
+def dsq_hard(x: torch.Tensor, lower, upper, bits: int) -> torch.Tensor:
+    """The hard quantizer DSQ deploys (the α -> 0 limit of ``dsq``): l + Δ·round((clip(x, l, u) - l)/Δ),
+    Δ = (u - l)/(2^b - 1) (Gong et al. 2019, §3.2; round half to even).
+
+    x: any shape, float dtype; lower, upper: tensors or numbers broadcastable to x, lower < upper;
+    bits in 1..8. Returns x's shape and dtype; no gradient reaches x (round), lower and upper get
+    autograd's (evaluation only).
+    """
+    lower, upper, bits = _checked(x, lower, upper, bits)
+    dt = _compute_dtype(x, lower, upper)
+    xf, lo, up = x.to(dt), lower.to(dt), upper.to(dt)
+    delta = (up - lo) / (2 ** bits - 1)
+    code = torch.round((torch.minimum(torch.maximum(xf, lo), up) - lo) / delta).clamp(0, 2 ** bits - 1)
+    return (lo + delta * code.detach()).to(x.dtype)

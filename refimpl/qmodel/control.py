@@ -110,8 +110,8 @@ def set_quant_state(qmodel: nn.Module, weights: bool = True, acts: bool = True, 
 
 def set_trainable(qmodel: nn.Module, mode: str, weights: bool = True, acts: bool = True) -> list:
     """Switch quantizers to a quantizer kind (``quantizer_kinds()``): "ste" (learned scale and zero
-    point, white paper §4.1), "lsq" (learned step size, Esser et al. 2020), or back to "fixed"
-    (zero points rounded).
+    point, white paper §4.1), "lsq" (learned step size, Esser et al. 2020), "dsq" (learned clipping
+    range and α of DSQ, Gong et al. 2019), or back to "fixed" (zero points rounded).
 
     Returns the list of quantizer parameters (for the optimizer). A checkpoint saved in a
     trainable mode loads into ``quantize_model(...)`` after the same ``set_trainable`` call, or

@@ -14,7 +14,7 @@ one activation site) holds the grid (``spec``), the quantization parameters ``sc
 * ``"pwlq"``: piecewise linear quantization of weights (Fang et al. 2020, Eq. 3;
   ``refimpl.quant.pwlq``), range and breakpoint computed from the weight itself, per output
   channel when the spec is per-channel; post-training only (no gradient, not exportable);
-* ``"dsq"``: differentiable soft quantization (Gong et al. 2019, §3.2; ``refimpl.quant.dsq``),
+* ``"dsq"``: differentiable soft quantization (Gong et al. 2019, §3; ``refimpl.quant.dsq``),
   learned clipping range [lower, upper] and α; the soft quantizer in training mode, the hard one
   in eval mode.
 
@@ -251,7 +251,7 @@ class PWLQ(QuantizerKind):
 
 @register_kind
 class DSQ(QuantizerKind):
-    """Differentiable soft quantization (Gong et al. 2019, §3.2 and §3.4; ``refimpl.quant.dsq``).
+    """Differentiable soft quantization (Gong et al. 2019, §3 and §3.4; ``refimpl.quant.dsq``).
 
     Learns three tensors, created on the quantizer when it switches to this kind: ``lower`` and
     ``upper`` (the clipping range [l, u], per output channel for a per-channel weight spec, else

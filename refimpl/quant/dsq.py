@@ -25,9 +25,10 @@ like log(2/α), so the mean gap between Q_S and rounding over an interval is abo
 Provenance. The paper's body was not available when this was written; the definitions above are
 the ones of the book's issue 14, which match the reimplementation ``ricky40403/DSQ``
 (``DSQConv.py``, "Algorithm 1"; s, k, φ and Δ as above) and MQBench's ``dsq`` (k =
-log((s + 1)/(s - 1)), the same value since (s + 1)/(s - 1) = 2/α - 1). The paper's §3.2 defines
-the soft function and §3.4 says l, u and α are learned by back-propagation; here their gradients
-are what autograd gives through the definition (no custom backward; ``floor`` gives the interval
+log((s + 1)/(s - 1)), the same value since (s + 1)/(s - 1) = 2/α - 1). Equation numbers could
+not be checked; "§3" below means the paper's method section, and §3.4 (l, u and α learned by
+back-propagation) is the section the issue cites. Here their gradients are what autograd gives
+through the definition (no custom backward; ``floor`` gives the interval
 index a zero gradient). Unlike ``ricky40403/DSQ``, the forward here is Q_S itself, not sign(φ):
 the hard quantizer (``dsq_hard``) is what evaluation uses.
 """
@@ -83,7 +84,7 @@ def _interval(x, lower, upper, bits):
 
 
 def dsq_phi(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
-    """DSQ's soft function φ(x) = s·tanh(k(x - m_i)) (Gong et al. 2019, §3.2), in [-1, 1] inside [l, u].
+    """DSQ's soft function φ(x) = s·tanh(k(x - m_i)) (Gong et al. 2019, §3), in [-1, 1] inside [l, u].
 
     x: any shape, float dtype; lower, upper, alpha: tensors (or numbers) broadcastable to x, with
     lower < upper and 0 < alpha < 1. x is clamped to [l, u] first (outside, Q_S is l or u and φ is
@@ -105,7 +106,7 @@ def _phi(xc, lo, up, al, bits):
 
 
 def dsq(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
-    """DSQ's soft quantizer Q_S(x) (Gong et al. 2019, §3.2): l below l, u above u, else
+    """DSQ's soft quantizer Q_S(x) (Gong et al. 2019, §3): l below l, u above u, else
     l + Δ(i + (φ(x) + 1)/2) with Δ = (u - l)/(2^b - 1) and φ = s·tanh(k(x - m_i)), s = 1/(1 - α),
     k = log(2/α - 1)/Δ (module docstring).
 
@@ -130,7 +131,7 @@ def dsq(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
 
 def dsq_hard(x: torch.Tensor, lower, upper, bits: int) -> torch.Tensor:
     """The hard quantizer DSQ deploys (the α -> 0 limit of ``dsq``): l + Δ·round((clip(x, l, u) - l)/Δ),
-    Δ = (u - l)/(2^b - 1) (Gong et al. 2019, §3.2; round half to even).
+    Δ = (u - l)/(2^b - 1) (Gong et al. 2019, §3; round half to even).
 
     x: any shape, float dtype; lower, upper: tensors or numbers broadcastable to x, lower < upper;
     bits in 1..8. Returns x's shape and dtype; no gradient reaches x (round), lower and upper get

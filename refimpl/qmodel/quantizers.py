@@ -17,8 +17,11 @@ one activation site) holds the grid (``spec``), the quantization parameters ``sc
 * ``"dsq"``: differentiable soft quantization (Gong et al. 2019, §3; ``refimpl.quant.dsq``),
   learned clipping range [lower, upper] and α; the soft quantizer in training mode, the hard one
   in eval mode.
+* ``"pot"``, ``"apot"``: power-of-two and additive powers-of-two grids (Li et al. 2020;
+  ``refimpl.quant.pot_quant``, ``apot_quant``) with a learned clipping threshold ``alpha`` and the
+  reparameterised clipping gradient; optional weight normalisation; not exportable.
 
-A new kind (DSQ, PoT/APoT, PACT, DoReFa, QIL, ...) is a subclass of
+A new kind (DSQ, PACT, DoReFa, QIL, ...) is a subclass of
 :class:`QuantizerKind` declaring which tensors it learns, its forward, how it initialises from
 the calibrated (scale, zero_point) and what it exports, registered with one line,
 ``@register_kind``. ``QuantConfig(weight_quantizer=..., act_quantizer=...)`` and
@@ -35,7 +38,8 @@ import torch
 from torch import nn
 
 from .._checks import check_choice
-from ..quant import QuantSpec, fake_quant, lsq_fake_quant, lsq_grad_scale, qparams, ste_fake_quant
+from ..quant import (QuantSpec, apot_quant, fake_quant, lsq_fake_quant, lsq_grad_scale, pot_quant, qparams,
+                     ste_fake_quant, weight_norm)
 from ..quant.adaround import soft_rounded_weight
 from ..quant.dsq import dsq, dsq_hard
 from ..quant.pwlq import PWLQ_BREAKPOINT_METHODS, PWLQ_SCHEMES, pwlq, pwlq_bias_correction, pwlq_breakpoint
@@ -89,7 +93,7 @@ class QuantizerKind:
         self.update(q)
 
     def leave(self, q: "Quantizer") -> None:
-        pass
+        """Called when ``q`` leaves this kind: remove the state ``init`` created (by default none)."""
 
     def forward(self, q: "Quantizer", x: torch.Tensor, elements: int) -> torch.Tensor:
         raise NotImplementedError
@@ -328,6 +332,102 @@ class DSQ(QuantizerKind):
         with torch.no_grad():
             q.alpha.clamp_(self.alpha_min, self.alpha_max)
         return dsq(x, lo, up, q.alpha, q.spec.bits)
+
+
+class _ClippedGrid(QuantizerKind):
+    """A non-uniform grid clipped at a learned alpha (Li et al. 2020): the shared part of PoT and APoT.
+
+    ``init`` creates the Parameter ``alpha`` (0-d, per tensor), set from the calibrated range's
+    largest magnitude whenever (scale, zero_point) change (calibration), and kept when a
+    ``state_dict`` is loaded (the buffer ``alpha_range`` records the range it came from).
+    Attributes (change them on the quantizer after ``quantize_model``): ``rcf`` (default True: the
+    reparameterised clipping gradient for alpha; False: 0 inside the range) and, for weights,
+    ``weight_normalization`` (default False: the weight is standardised every forward,
+    ``refimpl.quant.weight_norm``, and quantized as such, as the authors' layers do; alpha is then
+    in units of the weight's standard deviation, so set it again, the authors start at 3.0).
+    Weights use the signed grid (b - 1 magnitude bits and a sign); activations the signed grid
+    when their spec is signed, else the unsigned one. ``export`` raises TypeError.
+    """
+
+    requires_range = True
+
+    def learnable(self, q):
+        return ("alpha",)
+
+    def init(self, q):
+        if not isinstance(getattr(q, "alpha", None), nn.Parameter):
+            q.alpha = nn.Parameter(torch.ones((), device=q.scale.device))
+            q.register_buffer("alpha_range", torch.zeros((), device=q.scale.device))
+        if not hasattr(q, "rcf"):
+            q.rcf = True
+        if isinstance(q, WeightQuantizer) and not hasattr(q, "weight_normalization"):
+            q.weight_normalization = False
+        self.update(q)
+
+    def leave(self, q):
+        for name in ("alpha", "alpha_range"):
+            q._parameters.pop(name, None)
+            q._buffers.pop(name, None)
+
+    @staticmethod
+    def _signed(q) -> bool:
+        return isinstance(q, WeightQuantizer) or bool(q.spec.signed)
+
+    def update(self, q):
+        with torch.no_grad():
+            s, z = q.scale.detach().float(), q.zero_point.detach().float()
+            if q.spec.symmetric:
+                # refimpl.quant.qparams inverted: scale = max|x| / ((qmax - qmin) / 2)
+                top = s * ((q.spec.qmax - q.spec.qmin) / 2)
+            else:
+                hi, lo = s * (q.spec.qmax - z), s * (q.spec.qmin - z)
+                top = torch.maximum(hi.abs(), lo.abs()) if self._signed(q) else hi
+            r = top.max().clamp(min=torch.finfo(torch.float32).eps).to(q.alpha_range.device)
+            # a loaded state_dict brings alpha and the range it came from: keep the learned alpha
+            if not torch.equal(r, q.alpha_range):
+                q.alpha.data = r.clone()
+                q.alpha_range.copy_(r)
+
+    def quantize(self, q, x, signed):
+        raise NotImplementedError
+
+    def forward(self, q, x, elements):
+        if getattr(q, "weight_normalization", False):
+            if not isinstance(q.weight_normalization, bool):
+                raise TypeError(f"weight_normalization must be a bool, got {q.weight_normalization!r}")
+            x = weight_norm(x)
+        return self.quantize(q, x, self._signed(q))
+
+    def export(self, q):
+        raise TypeError(f"a {self.name!r} quantizer has a non-uniform grid, which ONNX "
+                        "QuantizeLinear/DequantizeLinear cannot express")
+
+
+@register_kind
+class PoT(_ClippedGrid):
+    __doc__ = ("Power-of-two levels alpha * {0, +-2^-j} (Li et al. 2020, Q^p; refimpl.quant.pot_quant).\n\n"
+               + _ClippedGrid.__doc__.split("\n", 2)[2])
+
+    name = "pot"
+
+    def quantize(self, q, x, signed):
+        return pot_quant(x, q.spec.bits, q.alpha, signed=signed, rcf=q.rcf)
+
+
+@register_kind
+class APoT(_ClippedGrid):
+    __doc__ = ("Additive powers-of-two levels (Li et al. 2020, Q^a; refimpl.quant.apot_quant), base bit-width\n"
+               "``q.apot_k`` (default 2).\n\n" + _ClippedGrid.__doc__.split("\n", 2)[2])
+
+    name = "apot"
+
+    def init(self, q):
+        if not hasattr(q, "apot_k"):
+            q.apot_k = 2
+        super().init(q)
+
+    def quantize(self, q, x, signed):
+        return apot_quant(x, q.spec.bits, q.alpha, q.apot_k, signed=signed, rcf=q.rcf)
 
 
 _BUILT_IN = frozenset(_KINDS)

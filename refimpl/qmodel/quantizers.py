@@ -30,6 +30,11 @@ as a worked example.
 
 Switches that must survive ``state_dict`` and replication (``enabled``, the activation state,
 ``calibrated``, AdaRound's ``rounding``) are buffers.
+
+Why one module: the built-in kinds are registered here, before the set of built-in names
+(which ``unregister_kind`` refuses) is frozen, and each kind is a few dozen lines written against
+the quantizer module it drives; a separate module of kinds would have to be imported back by this
+one to be registered, a cycle between two halves of one registry.
 """
 
 from __future__ import annotations

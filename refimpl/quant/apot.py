@@ -2,7 +2,7 @@
 
 Three non-uniform grids that put more levels near zero and turn multiplications into shifts:
 
-* LogQuant (Miyashita, Lee, Murmann 2016, arXiv 1603.01025): x -> sign(x) 2^Clip(Round(log2|x|));
+* LogQuant (Miyashita, Lee, Murmann 2016, arXiv 1603.01025): x -> sign(x) 2^Clip(Round(log2(abs(x))));
 * PoT (Li, Dong, Wang, ICLR 2020, arXiv 1909.13144, "Q^p"): alpha * {0, +-2^-j}, the same set as
   :func:`refimpl.quant.pow2_levels`;
 * APoT (the same paper, "Q^a"): every level a sum of n power-of-two terms of k bits each,
@@ -41,7 +41,7 @@ def _check_log_args(bits, fsr) -> tuple[int, int]:
 def log_levels(bits: int, fsr: int) -> torch.Tensor:
     """The levels LogQuant can return: 0 and +-2^e for e = FSR - 2^bitwidth .. FSR, sorted.
 
-    Miyashita et al. 2016, the LogQuant definition (equation numbers not available here): x~ = Clip(Round(log2|x|), FSR - 2^bitwidth, FSR). The
+    Miyashita et al. 2016, the LogQuant definition (equation numbers not available here): x~ = Clip(Round(log2(abs(x))), FSR - 2^bitwidth, FSR). The
     clip is inclusive at both ends, so 2^bits + 1 exponents per sign (as the definition reads; a
     bits-wide exponent code holds 2^bits of them). The sign is stored apart from the exponent.
     bits: 1..8; fsr: integer -64..64 (log2 of the largest level). Returns a float64 1-d tensor of
@@ -53,11 +53,11 @@ def log_levels(bits: int, fsr: int) -> torch.Tensor:
 
 
 def log_quant(x: torch.Tensor, bits: int, fsr: int, *, return_codes: bool = False):
-    """LogQuant: 0 where x = 0, else sign(x) 2^x~ with x~ = Clip(Round(log2|x|), FSR - 2^bits, FSR).
+    """LogQuant: 0 where x = 0, else sign(x) 2^x~ with x~ = Clip(Round(log2(abs(x))), FSR - 2^bits, FSR).
 
     Miyashita et al. 2016, the LogQuant definition (the rounding is in the log domain, so the
     boundary between 2^e and 2^(e+1) is 2^(e + 1/2), not their midpoint). Backward: the identity
-    straight-through estimator inside the range (|x| <= 2^FSR), zero beyond it.
+    straight-through estimator inside the range (``|x| <= 2^FSR``), zero beyond it.
     x: floating tensor, any shape and float dtype (computed in float64; levels beyond the dtype's
     range overflow or flush as a cast does). bits: 1..8 exponent bits; fsr: integer -64..64.
     Returns x's shape and dtype; with ``return_codes`` also (sign, exponent): int8 sign in
@@ -88,7 +88,7 @@ def bitshift_dot(w_codes, x_int: torch.Tensor) -> tuple[torch.Tensor, int]:
     product w_i x_i = s_i 2^(e_i) x_i is x_i shifted by e_i. Shifts are made non-negative by a
     common offset, the smallest exponent e_min: acc = sum_i s_i (x_i << (e_i - e_min)), and
     w . x = acc * 2^e_min exactly (integer arithmetic; ``float(acc) * 2**shift`` is exact while
-    |acc| < 2^53).
+    ``|acc| < 2^53``).
     w_codes: (sign, exponent) integer tensors of one shape (..., n), as ``log_quant(...,
     return_codes=True)`` gives; x_int: integer tensor broadcasting against them over the last
     dimension. Returns (acc int64 of the broadcast shape without the last dimension, shift int).

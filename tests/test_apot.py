@@ -13,7 +13,8 @@ from torch import nn
 
 from refimpl.fold import fold_all_bn
 from refimpl.models import ResNetCNN
-from refimpl.qmodel import QuantConfig, calibrate, quantize_model, set_trainable
+from refimpl.qmodel import (QuantConfig, act_quantizers, calibrate, freeze, quantize_model, set_kind_options,
+                            set_trainable, weight_quantizers)
 from refimpl.quant import (apot_levels, apot_quant, bitshift_dot, log_levels, log_quant, pot_levels, pot_quant,
                            pow2_levels, weight_norm)
 
@@ -298,12 +299,48 @@ def test_apot_kind_weight_normalization():
     q = quantize_model(_model(), QuantConfig(weight_bits=4, act_bits=None, weight_quantizer="apot"))
     conv = q.get_submodule("stem.conv")
     wq = conv.weight_quantizer
-    assert wq.weight_normalization is False and wq.apot_k == 2
-    wq.weight_normalization = True
-    with torch.no_grad():
-        wq.alpha.fill_(3.0)
+    assert wq.weight_normalization is False and wq.apot_k == 2 and wq.rcf is True
     w = conv.weight.detach()
+    alpha_raw = wq.alpha.item()
+    assert alpha_raw == pytest.approx(w.abs().max().item(), rel=1e-6)
+    wq.set_option("weight_normalization", True)
+    # alpha is now in units of the weight's standard deviation, starting at the authors' 3.0
+    assert wq.alpha.item() == 3.0
     assert torch.equal(wq(w), apot_quant(weight_norm(w), 4, torch.tensor(3.0)))
     m = copy.deepcopy(q)
     assert m.get_submodule("stem.conv").weight_quantizer.weight_normalization is True
     assert isinstance(wq.alpha, nn.Parameter)
+    wq.set_option("weight_normalization", False)
+    assert wq.alpha.item() == pytest.approx(alpha_raw)
+    # k = 1 is the uniform grid with the same clipping
+    wq.set_option("apot_k", 1)
+    assert torch.equal(wq(w), apot_quant(w, 4, wq.alpha.detach(), 1))
+
+
+def test_kind_options_errors_and_whole_model():
+    q = quantize_model(_model(), QuantConfig(weight_bits=4, act_bits=4, weight_quantizer="pot", act_quantizer="pot"))
+    calibrate(q, _x())
+    wq = q.get_submodule("stem.conv").weight_quantizer
+    with pytest.raises(ValueError, match="option must be one of.*rcf"):
+        wq.set_option("apot_k", 2)
+    with pytest.raises(TypeError, match="'rcf'.*bool"):
+        wq.set_option("rcf", 1)
+    set_kind_options(q, {"rcf": False})
+    assert all(not m.rcf for m in list(weight_quantizers(q).values()) + list(act_quantizers(q).values()))
+    set_kind_options(q, {"weight_normalization": True}, acts=False)
+    assert all(m.weight_normalization for m in weight_quantizers(q).values())
+    with pytest.raises(ValueError, match=r"\['apot_k'\] belong to none.*\['pot'\]"):
+        set_kind_options(q, {"apot_k": 2})
+    with pytest.raises(TypeError, match="options must be a dict"):
+        set_kind_options(q, [("rcf", True)])
+    fixed = quantize_model(_model(), QuantConfig(weight_bits=4, act_bits=None))
+    with pytest.raises(ValueError, match="'fixed' quantizer kind has no options"):
+        fixed.get_submodule("stem.conv").weight_quantizer.set_option("rcf", True)
+
+
+def test_freeze_keeps_non_uniform_kinds():
+    q = quantize_model(_model(), QuantConfig(weight_bits=4, act_bits=4, weight_quantizer="apot", act_quantizer="dsq"))
+    calibrate(q, _x())
+    freeze(q)
+    assert {m.kind for m in weight_quantizers(q).values()} == {"apot"}
+    assert {m.kind for m in act_quantizers(q).values()} == {"fixed"}

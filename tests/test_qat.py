@@ -10,7 +10,7 @@ from torch import nn
 
 from refimpl.fold import fold_all_bn
 from refimpl.qat import gradient_check, qat_pipeline, ste_gradients
-from refimpl.qmodel import QuantConfig, calibrate, quantize_model
+from refimpl.qmodel import QuantConfig, calibrate, quantize_model, set_kind_options, set_trainable, weight_quantizers
 from refimpl.quant import QuantSpec, fake_quant, lsq_fake_quant, ste_fake_quant
 from refimpl.train import evaluate, train_fp32
 
@@ -236,8 +236,50 @@ def test_qat_state_dict_round_trip(small_fp, tmp_path):
         assert not torch.equal(start(x), q(x))
 
 
+@pytest.mark.parametrize("kind", ["dsq", "pot", "apot"])
+def test_qat_pipeline_trains_other_kinds(small_fp, kind):
+    """Each trainable kind runs through the pipeline: its own tensors move, the PTQ start is measured
+    in that kind, and after training an affine kind is frozen to "fixed", a non-uniform one kept."""
+    model, data = small_fp
+    cfg = QuantConfig(weight_bits=4, act_bits=4)
+    opts = {"rcf": False} if kind != "dsq" else None
+    q, h = qat_pipeline(model, data, cfg, trainable=kind, epochs=1, seed=0, progress=False, kind_options=opts)
+    start = quantize_model(fold_all_bn(model), cfg)
+    calibrate(start, data.x_calib)
+    set_trainable(start, kind)
+    if opts:
+        set_kind_options(start, opts)
+    assert h["ptq_acc"] == evaluate(start, data.x_test, data.y_test)
+    wqs = weight_quantizers(q)
+    if kind == "dsq":
+        assert {m.kind for m in wqs.values()} == {"fixed"}
+    else:
+        assert {m.kind for m in wqs.values()} == {kind} and not any(m.rcf for m in wqs.values())
+        # without RCF alpha learns only from clipped values (a min-max weight range clips none at
+        # the start), so only some alphas move
+        moved = [m.alpha.item() != weight_quantizers(start)[n].alpha.item() for n, m in wqs.items()]
+        assert any(moved)
+    assert evaluate(q, data.x_test, data.y_test) == h["final_acc"]
+
+
+def test_qat_pipeline_keep_bn_non_uniform_kind_is_not_merged(small_fp):
+    model, data = small_fp
+    cfg = QuantConfig(weight_bits=4, act_bits=4, weight_per_channel=False)
+    q, h = qat_pipeline(model, data, cfg, trainable="apot", epochs=1, seed=0, progress=False, bn="keep",
+                        kind_options={"weight_normalization": True}, eval_each_epoch=False)
+    assert h["bn_merged"] is False and h["merge_clamped"] == 0
+    assert any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in q.modules())
+    assert all(m.weight_normalization for m in weight_quantizers(q).values())
+    # an affine kind with per-tensor weights still cannot merge: refused up front
+    with pytest.raises(ValueError, match="weight_per_channel"):
+        qat_pipeline(model, data, cfg, trainable="lsq", epochs=1, progress=False, bn="keep")
+
+
 @pytest.mark.parametrize("kw,exc,match", [
     (dict(fp_model="net"), TypeError, "fp_model"),
+    (dict(trainable="pwlq"), ValueError, "trainable must be one of.*dsq"),
+    (dict(kind_options=[("rcf", True)]), TypeError, "kind_options"),
+    (dict(kind_options={"apot_k": 3}), ValueError, "apot_k"),
     (dict(data=(1, 2)), TypeError, "data"),
     (dict(config=dict(weight_bits=4)), TypeError, "config"),
     (dict(trainable="none"), ValueError, "trainable"),

@@ -14,7 +14,7 @@ straight-through estimator, STE), ยง4.2 "Batch normalization folding and QAT", ย
   ranges, learn weights and quantization parameters with Adam.
 """
 
-from .pipeline import BN_MODES, qat_pipeline
+from .pipeline import BN_MODES, qat_kinds, qat_pipeline
 from .ste import REGIONS, gradient_check, ste_gradients
 
-__all__ = ["ste_gradients", "gradient_check", "qat_pipeline", "BN_MODES"]
+__all__ = ["ste_gradients", "gradient_check", "qat_pipeline", "qat_kinds", "BN_MODES"]

@@ -17,19 +17,25 @@ from torch import nn
 from .._checks import check_choice, check_int, check_positive
 from ..fold import fold_all_bn, reestimate_bn
 from ..graph import device_of
-from ..qmodel import (QuantConfig, act_quantizers, calibrate, merge_bn, quantize_model, set_trainable,
-                      weight_quantizers)
+from ..qmodel import (QuantConfig, act_quantizers, calibrate, freeze, get_kind, merge_bn, quantize_model,
+                      quantizer_kinds, set_kind_options, set_trainable, weight_quantizers)
 from ..train import evaluate, fit
 
-__all__ = ["qat_pipeline", "BN_MODES"]
+__all__ = ["qat_pipeline", "BN_MODES", "qat_kinds"]
 
 BN_MODES = ("static", "keep")
+
+
+def qat_kinds() -> tuple[str, ...]:
+    """The registered quantizer kinds that QAT can learn (``QuantizerKind.trainable``): "ste",
+    "lsq", "dsq", "pot", "apot" and any kind registered later with ``trainable = True``."""
+    return tuple(k for k in quantizer_kinds() if get_kind(k).trainable)
 
 
 def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: str = "lsq", epochs: int = 8,
                  lr: float = 3e-3, quant_lr: float | None = None, batch_size: int = 128, seed: int = 0,
                  bn: str = "static", bn_reestimation: bool = False, eval_each_epoch: bool = True,
-                 progress: bool = True) -> tuple[torch.fx.GraphModule, dict]:
+                 progress: bool = True, kind_options: dict | None = None) -> tuple[torch.fx.GraphModule, dict]:
     """Quantization-aware training of a trained FP32 model: the white paper's pipeline (§4.4, Fig. 11).
 
     Steps, each as the paper recommends:
@@ -49,8 +55,11 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
        recommends the MSE criterion for both (min-max can be better for per-channel weights):
        pass ``QuantConfig(weight_range_method="mse", act_range_method="mse", ...)`` to follow it.
     4. Learnable quantization parameters (§4.1, §4.4 step 4): ``set_trainable(qmodel, trainable)``
-       -- "lsq" (LSQ step size, Esser et al. 2020) or "ste" (scale and zero point with the STE
-       gradients of ``refimpl.qat.ste_gradients``). Trained jointly with the weights and biases by Adam
+       -- "lsq" (LSQ step size, Esser et al. 2020), "ste" (scale and zero point with the STE
+       gradients of ``refimpl.qat.ste_gradients``) or any other kind of ``qat_kinds()`` ("dsq",
+       "pot", "apot", ...), initialised from the calibrated ranges, with ``kind_options``
+       ({name: value}, e.g. ``{"rcf": False}``) set on every quantizer whose kind has them
+       (``refimpl.qmodel.set_kind_options``). Trained jointly with the weights and biases by Adam
        (the paper: adaptive optimizers avoid retuning the quantizer learning rate), cosine decay
        from ``lr`` to 0 over all steps. Adam's step is ~lr in parameter units whatever the
        gradient's scale, and quantizer scales are ~1e-2, so their learning rate is
@@ -58,6 +67,11 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
 
     The defaults (8 epochs, lr 3e-3, batch 128) keep a run on digits or MNIST-1D ResNets under
     ~15 s of CPU time on one thread (MobileNetV2 ~20-40 s).
+
+    Quantizers of a kind with a non-uniform grid (``QuantizerKind.affine`` False: PoT, APoT) keep
+    their kind after training instead of being frozen to a uniform grid; with ``bn="keep"`` their
+    BN is then not merged (no per-channel scale to merge it into): it stays in float, in eval mode
+    with its running statistics, and ``history["bn_merged"]`` says which happened.
 
     Not implemented: the double-forward BN folding of Jacob et al. 2018 / Krishnamoorthi 2018
     (the paper's Table 7 finds it no better than static folding).
@@ -75,16 +89,16 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     accuracy (%) of the PTQ initialisation, "loss": mean training loss per epoch, "test_acc":
     test accuracy (%) after each epoch (trainable quantizers; empty with ``eval_each_epoch=False``,
     which saves those evaluations), "final_acc": test accuracy of the
-    returned, frozen model (BN merged for ``bn="keep"``), and for ``bn="keep"``
+    returned, frozen model (BN merged for ``bn="keep"``), and for ``bn="keep"`` "bn_merged",
     "before_reestimation_acc" (with ``bn_reestimation``) and "merge_clamped" (weight codes
-    clamped by the merge, see ``merge_bn``), "seconds": wall time of the whole pipeline, "cpu_seconds": its
+    clamped by the merge, see ``merge_bn``; 0 when not merged), "seconds": wall time of the whole pipeline, "cpu_seconds": its
     process CPU time (all threads; equals the wall time on an idle machine with one thread)}.
 
     Used in :ref:`ch6-sec-the-qat-pipeline`.
     """
     epochs, lr, quant_lr, batch_size, seed = _check_args(
         fp_model, data, config, trainable, epochs, lr, quant_lr, batch_size, seed, bn, bn_reestimation,
-        eval_each_epoch, progress)
+        eval_each_epoch, progress, kind_options)
 
     t0, c0 = time.perf_counter(), time.process_time()
     if bn == "static":
@@ -92,8 +106,10 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     else:
         qmodel = quantize_model(fp_model, config, keep_bn=True)
     calibrate(qmodel, data.x_calib)                                      # step 3
-    history = {"ptq_acc": evaluate(qmodel, data.x_test, data.y_test), "loss": [], "test_acc": []}
     quant_params = set_trainable(qmodel, trainable)                      # step 4
+    if kind_options:
+        set_kind_options(qmodel, kind_options)
+    history = {"ptq_acc": evaluate(qmodel, data.x_test, data.y_test), "loss": [], "test_acc": []}
     qids = {id(p) for p in quant_params}
     weights = [p for p in qmodel.parameters() if id(p) not in qids]
     # fused: its square root is the exact vector instruction, the same on every CPU (refimpl.numerics)
@@ -114,15 +130,20 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
                           progress=progress, desc=f"QAT {trainable}")["loss"]
     # freeze: fixed (scale, integer zero point) buffers, as deployed; the state_dict then loads
     # into a plain quantize_model(...) of the same folded model and config
-    set_trainable(qmodel, "fixed")
+    freeze(qmodel)
     qmodel.eval()
+    affine = get_kind(trainable).affine
     if bn == "keep":
         if bn_reestimation:
             history["before_reestimation_acc"] = evaluate(qmodel, data.x_test, data.y_test)
             device = device_of(qmodel, default=torch.device("cpu"))
             reestimate_bn(qmodel, data.x_train.to(device), batch_size=max(2, batch_size))
-        qmodel, clamped = merge_bn(qmodel, return_report=True)
-        history["merge_clamped"] = sum(clamped.values())
+        history["bn_merged"] = affine
+        if affine:
+            qmodel, clamped = merge_bn(qmodel, return_report=True)
+            history["merge_clamped"] = sum(clamped.values())
+        else:
+            history["merge_clamped"] = 0
     history["final_acc"] = evaluate(qmodel, data.x_test, data.y_test)
     history["seconds"] = time.perf_counter() - t0
     history["cpu_seconds"] = time.process_time() - c0
@@ -130,7 +151,7 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
 
 
 def _check_args(fp_model, data, config, trainable, epochs, lr, quant_lr, batch_size, seed, bn, bn_reestimation,
-                eval_each_epoch, progress):
+                eval_each_epoch, progress, kind_options):
     """Validate qat_pipeline's arguments; return (epochs, lr, quant_lr, batch_size, seed) normalised."""
     if not isinstance(fp_model, nn.Module):
         raise TypeError(f"fp_model must be a torch.nn.Module, got {type(fp_model).__name__}")
@@ -139,13 +160,15 @@ def _check_args(fp_model, data, config, trainable, epochs, lr, quant_lr, batch_s
     missing = [a for a in ("x_train", "y_train", "x_calib", "x_test", "y_test") if not hasattr(data, a)]
     if missing:
         raise TypeError(f"data must be a DataSplit; {type(data).__name__} lacks {missing}")
-    check_choice(trainable, "trainable", ("lsq", "ste"))
+    check_choice(trainable, "trainable", qat_kinds())
+    if kind_options is not None and not isinstance(kind_options, dict):
+        raise TypeError(f"kind_options must be a dict {{name: value}} or None, got {type(kind_options).__name__}")
     check_choice(bn, "bn", BN_MODES)
     if not isinstance(bn_reestimation, bool):
         raise TypeError(f"bn_reestimation must be a bool, got {bn_reestimation!r}")
     if bn_reestimation and bn != "keep":
         raise ValueError('bn_reestimation=True needs bn="keep" (after static folding there are no BN statistics)')
-    if bn == "keep" and not (config.weight_per_channel and config.weight_symmetric):
+    if bn == "keep" and get_kind(trainable).affine and not (config.weight_per_channel and config.weight_symmetric):
         raise ValueError('bn="keep" merges BN into per-channel weight scales after training: it needs '
                          "QuantConfig(weight_per_channel=True, weight_symmetric=True)")
     epochs = check_int(epochs, "epochs", low=1)

@@ -12,7 +12,7 @@ White paper (Nagel et al. 2021, arXiv 2106.08295) §2.3 "Quantization simulation
 * ``insertion``: :func:`quantize_model` (where quantizers sit), :func:`first_last_bits`,
   :func:`input_sites`;
 * ``control``: :func:`calibrate`, :func:`set_quant_state`, :func:`set_trainable`,
-  :func:`merge_bn` and the accessors.
+  :func:`set_kind_options`, :func:`freeze`, :func:`merge_bn` and the accessors.
 
 Activation quantizers have three states: ``"observe"`` (pass through, record statistics),
 ``"quantize"`` and ``"off"``. What it cannot handle: models torch.fx cannot trace symbolically
@@ -31,7 +31,8 @@ Activation quantizers have three states: ``"observe"`` (pass through, record sta
 
 from ..quant import ste_fake_quant
 from .config import ACT_RANGES, WEIGHT_RANGES, QuantConfig
-from .control import act_quantizers, calibrate, merge_bn, quant_layers, set_quant_state, set_trainable, weight_quantizers
+from .control import (act_quantizers, calibrate, freeze, merge_bn, quant_layers, set_kind_options, set_quant_state,
+                      set_trainable, weight_quantizers)
 from .insertion import first_last_bits, input_sites, quantize_model
 from .layers import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
 from .observers import KEPT_SAMPLES, Observer, tensor_range
@@ -43,5 +44,5 @@ __all__ = [
     "QuantizerKind", "register_kind", "unregister_kind", "quantizer_kinds", "get_kind", "Quantizer", "WeightQuantizer",
     "ActQuantizer", "ACT_STATES", "QuantLayer", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear",
     "QUANT_CLASSES", "quantize_model", "input_sites", "first_last_bits", "calibrate", "set_quant_state",
-    "set_trainable", "weight_quantizers", "act_quantizers", "quant_layers", "merge_bn", "ste_fake_quant",
+    "set_trainable", "set_kind_options", "freeze", "weight_quantizers", "act_quantizers", "quant_layers", "merge_bn", "ste_fake_quant",
 ]

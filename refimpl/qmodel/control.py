@@ -16,7 +16,7 @@ from .layers import QuantLayer
 from .quantizers import ActQuantizer, WeightQuantizer, quantizer_kinds
 
 __all__ = ["quant_layers", "weight_quantizers", "act_quantizers", "calibrate", "set_quant_state",
-           "set_trainable", "merge_bn"]
+           "set_trainable", "set_kind_options", "freeze", "merge_bn"]
 
 
 def _check_qmodel(qmodel):
@@ -130,6 +130,47 @@ def set_trainable(qmodel: nn.Module, mode: str, weights: bool = True, acts: bool
         q.set_kind(mode)
         params += list(q.parameters(recurse=False))
     return params
+
+
+def _selected(qmodel, weights, acts) -> list:
+    if not isinstance(weights, bool) or not isinstance(acts, bool):
+        raise TypeError("weights and acts must be bools")
+    return (list(weight_quantizers(qmodel).values()) if weights else []) + \
+        (list(act_quantizers(qmodel).values()) if acts else [])
+
+
+def set_kind_options(qmodel: nn.Module, options: dict, weights: bool = True, acts: bool = True) -> None:
+    """Set quantizer-kind options (e.g. APoT's ``rcf``, ``weight_normalization``, ``apot_k``) on
+    every selected quantizer whose current kind has them (``Quantizer.set_option``).
+
+    options: {name: value}. ValueError for an option that no selected quantizer's kind has
+    (naming the options they do have); TypeError for a value of the wrong type.
+    """
+    _check_qmodel(qmodel)
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict {{name: value}}, got {type(options).__name__}")
+    qs = _selected(qmodel, weights, acts)
+    known = {n for q in qs for n in q.kind_impl.options(q)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        kinds = sorted({q.kind for q in qs})
+        raise ValueError(f"options {unknown} belong to none of the selected quantizers' kinds {kinds}; "
+                         f"their options: {sorted(known)}")
+    for q in qs:
+        for name, value in options.items():
+            if name in q.kind_impl.options(q):
+                q.set_option(name, value)
+
+
+def freeze(qmodel: nn.Module) -> None:
+    """After QAT: switch every quantizer whose kind has an affine grid (``QuantizerKind.affine``) to
+    "fixed", the deployable (scale, integer zero point) grid; quantizers of a non-uniform kind (PoT,
+    APoT, PWLQ) keep their kind and what it learned. Parameters stay in the model; put it in eval mode.
+    """
+    _check_qmodel(qmodel)
+    for q in _selected(qmodel, True, True):
+        if q.kind_impl.affine:
+            q.set_kind("fixed")
 
 
 def _merge_one(gm, modules, node, bn_node) -> int:

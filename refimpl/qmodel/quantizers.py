@@ -79,11 +79,27 @@ class QuantizerKind:
     * ``forward(q, x, elements)``: the fake-quantized x (x's shape and dtype); ``elements`` is
       the number of values that share one scale (LSQ's gradient scale);
     * ``export(q)``: the affine grid a runtime executes, {"scale", "zero_point"} (the default),
-      or raise TypeError for a grid an affine runtime cannot express.
+      or raise TypeError for a grid an affine runtime cannot express;
+    * ``trainable``: True when quantization-aware training learns the kind's tensors
+      (``refimpl.qat.qat_pipeline`` accepts it as ``trainable``);
+    * ``affine``: True when the (evaluation-mode) grid is affine, so that a trained quantizer
+      freezes to "fixed" without changing its levels (``refimpl.qmodel.freeze``); False for a
+      non-uniform grid, which stays in its own kind;
+    * ``options(q)``: {name: default} of the kind's plain settings (e.g. APoT's ``rcf``), set as
+      attributes of ``q`` when it switches to the kind and changed with ``q.set_option``;
+      ``option_changed(q, name)`` is called after a change (by default: nothing).
     """
 
     name = ""
     requires_range = True
+    trainable = False
+    affine = True
+
+    def options(self, q: "Quantizer") -> dict:
+        return {}
+
+    def option_changed(self, q: "Quantizer", name: str) -> None:
+        pass
 
     def learnable(self, q: "Quantizer") -> tuple[str, ...]:
         return ()
@@ -166,6 +182,7 @@ class STE(QuantizerKind):
 
     name = "ste"
     requires_range = False
+    trainable = True
 
     def learnable(self, q):
         learn_zp = not q.spec.symmetric and not q.fixed_zero_point
@@ -181,6 +198,7 @@ class LSQ(QuantizerKind):
 
     name = "lsq"
     requires_range = False
+    trainable = True
 
     def learnable(self, q):
         return ("scale",)
@@ -226,6 +244,7 @@ class PWLQ(QuantizerKind):
 
     name = "pwlq"
     requires_range = False
+    affine = False
 
     def init(self, q):
         if not isinstance(q, WeightQuantizer):
@@ -281,6 +300,7 @@ class DSQ(QuantizerKind):
 
     name = "dsq"
     requires_range = True
+    trainable = True
     alpha_init = 0.2
     alpha_min, alpha_max = 1e-4, 1 - 1e-4
 
@@ -344,30 +364,41 @@ class _ClippedGrid(QuantizerKind):
 
     ``init`` creates the Parameter ``alpha`` (0-d, per tensor), set from the calibrated range's
     largest magnitude whenever (scale, zero_point) change (calibration), and kept when a
-    ``state_dict`` is loaded (the buffer ``alpha_range`` records the range it came from).
-    Attributes (change them on the quantizer after ``quantize_model``): ``rcf`` (default True: the
-    reparameterised clipping gradient for alpha; False: 0 inside the range) and, for weights,
-    ``weight_normalization`` (default False: the weight is standardised every forward,
-    ``refimpl.quant.weight_norm``, and quantized as such, as the authors' layers do; alpha is then
-    in units of the weight's standard deviation, so set it again, the authors start at 3.0).
-    Weights use the signed grid (b - 1 magnitude bits and a sign); activations the signed grid
-    when their spec is signed, else the unsigned one. ``export`` raises TypeError.
+    ``state_dict`` is loaded (the buffer ``alpha_range`` records the value it was set from).
+    Options (``q.set_option``, or ``refimpl.qmodel.set_kind_options`` for a whole model): ``rcf``
+    (default True: the reparameterised clipping gradient for alpha; False: 0 inside the range) and,
+    for weights, ``weight_normalization`` (default False; True: the weight is standardised every
+    forward, ``refimpl.quant.weight_norm``, and quantized as such, as the authors' layers do; alpha
+    is then in units of the weight's standard deviation and starts at ``wn_alpha_init`` = 3.0, the
+    authors' ``weight_alpha``). Weights use the signed grid (b - 1 magnitude bits and a sign);
+    activations the signed grid when their spec is signed, else the unsigned one. In training
+    mode alpha is clamped to >= float32 eps before each forward (a gradient step may cross 0).
+    ``export`` raises TypeError.
     """
 
     requires_range = True
+    trainable = True
+    affine = False
+    wn_alpha_init = 3.0
 
     def learnable(self, q):
         return ("alpha",)
+
+    def options(self, q):
+        opts = {"rcf": True}
+        if isinstance(q, WeightQuantizer):
+            opts["weight_normalization"] = False
+        return opts
 
     def init(self, q):
         if not isinstance(getattr(q, "alpha", None), nn.Parameter):
             q.alpha = nn.Parameter(torch.ones((), device=q.scale.device))
             q.register_buffer("alpha_range", torch.zeros((), device=q.scale.device))
-        if not hasattr(q, "rcf"):
-            q.rcf = True
-        if isinstance(q, WeightQuantizer) and not hasattr(q, "weight_normalization"):
-            q.weight_normalization = False
         self.update(q)
+
+    def option_changed(self, q, name):
+        if name == "weight_normalization":
+            self.update(q)
 
     def leave(self, q):
         for name in ("alpha", "alpha_range"):
@@ -380,15 +411,18 @@ class _ClippedGrid(QuantizerKind):
 
     def update(self, q):
         with torch.no_grad():
-            s, z = q.scale.detach().float(), q.zero_point.detach().float()
-            if q.spec.symmetric:
-                # refimpl.quant.qparams inverted: scale = max|x| / ((qmax - qmin) / 2)
-                top = s * ((q.spec.qmax - q.spec.qmin) / 2)
+            if getattr(q, "weight_normalization", False):
+                r = torch.tensor(self.wn_alpha_init, device=q.alpha_range.device)
             else:
-                hi, lo = s * (q.spec.qmax - z), s * (q.spec.qmin - z)
-                top = torch.maximum(hi.abs(), lo.abs()) if self._signed(q) else hi
-            r = top.max().clamp(min=torch.finfo(torch.float32).eps).to(q.alpha_range.device)
-            # a loaded state_dict brings alpha and the range it came from: keep the learned alpha
+                s, z = q.scale.detach().float(), q.zero_point.detach().float()
+                if q.spec.symmetric:
+                    # refimpl.quant.qparams inverted: scale = max|x| / ((qmax - qmin) / 2)
+                    top = s * ((q.spec.qmax - q.spec.qmin) / 2)
+                else:
+                    hi, lo = s * (q.spec.qmax - z), s * (q.spec.qmin - z)
+                    top = torch.maximum(hi.abs(), lo.abs()) if self._signed(q) else hi
+                r = top.max().clamp(min=torch.finfo(torch.float32).eps).to(q.alpha_range.device)
+            # a loaded state_dict brings alpha and the value it came from: keep the learned alpha
             if not torch.equal(r, q.alpha_range):
                 q.alpha.data = r.clone()
                 q.alpha_range.copy_(r)
@@ -397,9 +431,10 @@ class _ClippedGrid(QuantizerKind):
         raise NotImplementedError
 
     def forward(self, q, x, elements):
+        if q.training:
+            with torch.no_grad():
+                q.alpha.clamp_(min=torch.finfo(torch.float32).eps)
         if getattr(q, "weight_normalization", False):
-            if not isinstance(q.weight_normalization, bool):
-                raise TypeError(f"weight_normalization must be a bool, got {q.weight_normalization!r}")
             x = weight_norm(x)
         return self.quantize(q, x, self._signed(q))
 
@@ -426,10 +461,8 @@ class APoT(_ClippedGrid):
 
     name = "apot"
 
-    def init(self, q):
-        if not hasattr(q, "apot_k"):
-            q.apot_k = 2
-        super().init(q)
+    def options(self, q):
+        return {**super().options(q), "apot_k": 2}
 
     def quantize(self, q, x, signed):
         return apot_quant(x, q.spec.bits, q.alpha, q.apot_k, signed=signed, rcf=q.rcf)
@@ -509,7 +542,28 @@ class Quantizer(nn.Module):
             else:
                 self.register_buffer(name, value)
         self.kind = kind
+        for name, default in impl.options(self).items():
+            if not hasattr(self, name):
+                setattr(self, name, default)
         impl.init(self)
+
+    def set_option(self, name: str, value) -> None:
+        """Set one of the kind's options (``kind_impl.options(self)``: name -> default); the value
+        must have the default's type (bool or int)."""
+        opts = self.kind_impl.options(self)
+        if not opts:
+            raise ValueError(f"the {self.kind!r} quantizer kind has no options")
+        check_choice(name, "option", tuple(opts))
+        default = opts[name]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default)) and not isinstance(value, bool)
+        if not ok:
+            raise TypeError(f"option {name!r} of the {self.kind!r} kind must be a {type(default).__name__}, "
+                            f"got {value!r}")
+        setattr(self, name, value)
+        self.kind_impl.option_changed(self, name)
 
     def fake_quant(self, x: torch.Tensor, elements: int) -> torch.Tensor:
         """x fake-quantized by this quantizer's kind; ``elements``: values per scale."""

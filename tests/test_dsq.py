@@ -10,7 +10,7 @@ from torch import nn
 
 from refimpl.qmodel import QuantConfig, calibrate, quantize_model, set_trainable
 from refimpl.qmodel.control import act_quantizers, weight_quantizers
-from refimpl.quant import dsq, dsq_hard, dsq_phi
+from refimpl.quant import dsq, dsq_hard, dsq_phi, dsq_ste
 
 
 def _numpy_dsq(x, lo, up, alpha, bits):
@@ -304,3 +304,33 @@ def test_kind_refuses_narrow_range():
     q = _dsq_model(fp, x, weight_narrow_range=True)
     with pytest.raises(ValueError, match="narrow_range"):
         set_trainable(q, "dsq")
+
+
+def test_dsq_ste_forward_is_hard_and_backward_is_soft():
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(200, generator=gen, dtype=torch.float64) * 3 - 1.5).requires_grad_()
+    lo = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    up = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
+    al = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    out = dsq_ste(x, lo, up, al, 3)
+    torch.testing.assert_close(out, dsq_hard(x, lo, up, 3), rtol=0, atol=1e-15)
+    g = torch.randn(200, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (x, lo, up, al), g)
+    soft = torch.autograd.grad(dsq(x, lo, up, al, 3), (x, lo, up, al), g)
+    for a, b in zip(grads, soft):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_kind_hard_forward_option():
+    fp, x, y = _tiny()
+    q = _dsq_model(fp, x, weight_per_channel=True)
+    set_trainable(q, "dsq")
+    wq = q.get_submodule("0").weight_quantizer
+    assert wq.hard_forward is False
+    wq.set_option("hard_forward", True)
+    w = q.get_submodule("0").weight
+    lo, up = wq.lower.detach()[:, None], wq.upper.detach()[:, None]
+    q.train()
+    torch.testing.assert_close(wq(w), dsq_hard(w, lo, up, 3))
+    wq(w).sum().backward()
+    assert wq.alpha.grad is not None and wq.alpha.grad.abs().item() > 0

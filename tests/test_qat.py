@@ -188,7 +188,8 @@ def test_qat_pipeline_is_deterministic(small_fp):
     assert _state_equal(a, d) and hd["test_acc"] == [] and hd["final_acc"] == ha["final_acc"]
     # the FP32 model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert set(ha) == {"ptq_acc", "loss", "test_acc", "final_acc", "seconds", "cpu_seconds"} and len(ha["loss"]) == 1
+    assert set(ha) == {"ptq_acc", "loss", "test_acc", "final_acc", "seconds", "cpu_seconds", "weight_params",
+                       "act_params"} and len(ha["loss"]) == 1
 
 
 @pytest.mark.parametrize("trainable", ["lsq", "ste"])
@@ -259,6 +260,12 @@ def test_qat_pipeline_trains_other_kinds(small_fp, kind):
         # the start), so only some alphas move
         moved = [m.alpha.item() != weight_quantizers(start)[n].alpha.item() for n, m in wqs.items()]
         assert any(moved)
+    # the scalar parameters are recorded at the start and after every step (16 steps of 32)
+    alphas = h["act_params"]["input"]["alpha"]
+    assert len(alphas) == 1 + len(data.x_train) // 128 and len(set(alphas)) > 1
+    if kind == "dsq":
+        assert set(h["weight_params"]["stem.conv"]) == {"alpha"}     # lower/upper are per channel
+        assert alphas[0] == pytest.approx(0.2)
     assert evaluate(q, data.x_test, data.y_test) == h["final_acc"]
 
 

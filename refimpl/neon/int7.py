@@ -60,12 +60,13 @@ def max_smlal_accumulations(bits: int, *, narrow_range: bool = True) -> int:
 # ---- int16 lanes under repeated SMLAL ---------------------------------------------------------
 @dataclass(frozen=True)
 class AccumulationTrace:
-    """What :func:`smlal_accumulate` recorded, one row per accumulation (row i: after i+1 SMLAL).
+    """What :func:`smlal_accumulate` (or :func:`refimpl.neon.lowbit.mla_accumulate`) recorded, one
+    row per accumulation (row i: after i+1 instructions).
 
-    ``lanes`` (accumulations, 8) int16: the destination's lanes as the simulator left them;
-    ``exact`` (accumulations, 8) int64: the true running sums; ``first_wrap``: the 1-based
-    accumulation at which some lane first differs from the exact sum (it wrapped), or None;
-    ``a``, ``w`` (8,) int8: the operands of each lane.
+    ``lanes`` (accumulations, L): the destination's lanes as the simulator left them (int16,
+    L = 8, for SMLAL; int8, L = 16, for MLA .16b); ``exact`` (accumulations, L) int64: the true
+    running sums; ``first_wrap``: the 1-based accumulation at which some lane first differs from
+    the exact sum (it wrapped), or None; ``a``, ``w`` (L,) int8: the operands of each lane.
     """
     lanes: np.ndarray
     exact: np.ndarray
@@ -75,7 +76,7 @@ class AccumulationTrace:
 
     @property
     def wrapped(self) -> np.ndarray:
-        """(accumulations, 8) bool: lanes whose int16 value is not the exact sum."""
+        """(accumulations, L) bool: lanes whose value is not the exact sum."""
         return self.lanes.astype(np.int64) != self.exact
 
 

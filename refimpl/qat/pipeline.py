@@ -91,8 +91,11 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     which saves those evaluations), "final_acc": test accuracy of the
     returned, frozen model (BN merged for ``bn="keep"``), and for ``bn="keep"`` "bn_merged",
     "before_reestimation_acc" (with ``bn_reestimation``) and "merge_clamped" (weight codes
-    clamped by the merge, see ``merge_bn``; 0 when not merged), "seconds": wall time of the whole pipeline, "cpu_seconds": its
-    process CPU time (all threads; equals the wall time on an idle machine with one thread)}.
+    clamped by the merge, see ``merge_bn``; 0 when not merged), "weight_params" {layer: {name:
+    values}} and "act_params" {site: {name: values}}: every 0-d learned quantizer parameter (DSQ's
+    and APoT's ``alpha``, a per-tensor LSQ ``scale``, ...) at the start and after each step,
+    "seconds": wall time of the whole pipeline, "cpu_seconds": its process CPU time (all threads;
+    equals the wall time on an idle machine with one thread)}.
 
     Used in :ref:`ch6-sec-the-qat-pipeline`.
     """
@@ -110,6 +113,17 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     if kind_options:
         set_kind_options(qmodel, kind_options)
     history = {"ptq_acc": evaluate(qmodel, data.x_test, data.y_test), "loss": [], "test_acc": []}
+    scalars = _scalar_params(qmodel)
+    history["weight_params"] = {n: {p: [float(t.detach())] for p, t in d.items()} for n, d in scalars[0].items()}
+    history["act_params"] = {n: {p: [float(t.detach())] for p, t in d.items()} for n, d in scalars[1].items()}
+
+    def after_step():
+        """Keep learned scales positive; record the quantizers' scalar parameters."""
+        _clamp_scales(qmodel)
+        for hist, group in ((history["weight_params"], scalars[0]), (history["act_params"], scalars[1])):
+            for n, d in group.items():
+                for p, t in d.items():
+                    hist[n][p].append(float(t.detach()))
     qids = {id(p) for p in quant_params}
     weights = [p for p in qmodel.parameters() if id(p) not in qids]
     # fused: its square root is the exact vector instruction, the same on every CPU (refimpl.numerics)
@@ -125,7 +139,7 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
 
     # a learned scale must stay > 0 (Adam moves it by ~quant_lr per step): clamped after each step
     history["loss"] = fit(qmodel, data, opt, scheduler=sched, epochs=epochs, batch_size=batch_size, seed=seed,
-                          after_step=lambda: _clamp_scales(qmodel),
+                          after_step=after_step,
                           after_epoch=after_epoch if eval_each_epoch else None,
                           progress=progress, desc=f"QAT {trainable}")["loss"]
     # freeze: fixed (scale, integer zero point) buffers, as deployed; the state_dict then loads
@@ -182,6 +196,14 @@ def _check_args(fp_model, data, config, trainable, epochs, lr, quant_lr, batch_s
     if len(data.x_train) != len(data.y_train):
         raise ValueError(f"data.x_train has {len(data.x_train)} rows but data.y_train has {len(data.y_train)}")
     return epochs, lr, quant_lr, batch_size, seed
+
+
+def _scalar_params(qmodel: nn.Module) -> tuple[dict, dict]:
+    """({layer: {name: 0-d Parameter}}, {site: {name: 0-d Parameter}}): the quantizers' learned scalars."""
+    def scalars(q):
+        return {n: p for n, p in q.named_parameters(recurse=False) if p.ndim == 0}
+    return ({n: d for n, q in weight_quantizers(qmodel).items() if (d := scalars(q))},
+            {n: d for n, q in act_quantizers(qmodel).items() if (d := scalars(q))})
 
 
 def _clamp_scales(qmodel: nn.Module) -> None:

@@ -46,7 +46,7 @@ from .._checks import check_choice
 from ..quant import (QuantSpec, apot_quant, fake_quant, lsq_fake_quant, lsq_grad_scale, pot_quant, qparams,
                      ste_fake_quant, weight_norm)
 from ..quant.adaround import soft_rounded_weight
-from ..quant.dsq import dsq, dsq_hard
+from ..quant.dsq import dsq, dsq_hard, dsq_ste
 from ..quant.pwlq import PWLQ_BREAKPOINT_METHODS, PWLQ_SCHEMES, pwlq, pwlq_bias_correction, pwlq_breakpoint
 from .observers import Observer, tensor_range
 
@@ -288,7 +288,9 @@ class DSQ(QuantizerKind):
     and ``alpha`` (one per quantizer), initialised to ``DSQ.alpha_init`` = 0.2 (the initial α of
     the ricky40403/DSQ reimplementation; the paper's own was not available). In training mode the
     forward is the soft quantizer ``dsq``, in eval mode the hard one ``dsq_hard``, as the paper
-    deploys it. α is projected back into [``alpha_min``, ``alpha_max``] before each training
+    deploys it; with the option ``hard_forward`` (default False) training uses ``dsq_ste``
+    instead, MQBench's released variant (hard forward, soft gradient). α is projected back into
+    [``alpha_min``, ``alpha_max``] before each training
     forward, because a gradient step can leave (0, 1), where the soft quantizer is undefined
     (the paper's own treatment was not available).
 
@@ -306,6 +308,9 @@ class DSQ(QuantizerKind):
 
     def learnable(self, q):
         return ("lower", "upper", "alpha")
+
+    def options(self, q):
+        return {"hard_forward": False}
 
     def init(self, q):
         if q.spec.narrow_range:
@@ -356,7 +361,7 @@ class DSQ(QuantizerKind):
             return dsq_hard(x, lo, up, q.spec.bits)
         with torch.no_grad():
             q.alpha.clamp_(self.alpha_min, self.alpha_max)
-        return dsq(x, lo, up, q.alpha, q.spec.bits)
+        return (dsq_ste if q.hard_forward else dsq)(x, lo, up, q.alpha, q.spec.bits)
 
 
 class _ClippedGrid(QuantizerKind):

@@ -3,7 +3,7 @@
 >>> from refimpl.quant import QuantSpec, qparams, quantize, dequantize, fake_quant
 """
 
-from .dsq import dsq, dsq_hard, dsq_phi
+from .dsq import dsq, dsq_hard, dsq_phi, dsq_ste
 from .functional import (
     ROUNDING_MODES,
     broadcast_qparams,
@@ -37,5 +37,5 @@ __all__ = [
     "pwlq", "pwlq_breakpoint", "pwlq_bias_correction", "pwlq_decompose", "PWLQDecomposition",
     "PWLQ_SCHEMES", "PWLQ_BREAKPOINT_METHODS",
     "lsq_fake_quant", "lsq_grad_scale", "ROUNDING_MODES", "ste_fake_quant", "ste_derivatives",
-    "dsq", "dsq_hard", "dsq_phi",
+    "dsq", "dsq_hard", "dsq_phi", "dsq_ste",
 ]

@@ -25,12 +25,18 @@ like log(2/α), so the mean gap between Q_S and rounding over an interval is abo
 Provenance. The paper's body was not available when this was written; the definitions above are
 the ones of the book's issue 14, which match the reimplementation ``ricky40403/DSQ``
 (``DSQConv.py``, "Algorithm 1"; s, k, φ and Δ as above) and MQBench's ``dsq`` (k =
-log((s + 1)/(s - 1)), the same value since (s + 1)/(s - 1) = 2/α - 1). Equation numbers could
-not be checked; "§3" below means the paper's method section, and §3.4 (l, u and α learned by
+log((s + 1)/(s - 1)), the same value since (s + 1)/(s - 1) = 2/α - 1). A secondary transcription
+of the paper (a Chinese blog post reposted in the code index, "量化训练之补偿STE：DSQ和QuantNoise")
+numbers them: Eq. 1, φ(x) = s·tanh(k(x - m_i)) with s = 1/tanh(kΔ/2); Eq. 2, Q_S; Eq. 3,
+α = 1 - tanh(kΔ/2) = 1 - 1/s; Eq. 4, k = (1/Δ)·log(2/α - 1); Eq. 5, φ written with α; Eq. 6,
+α learned by minimising the task loss subject to ``||α||_2 < λ`` (λ not given there). Those
+numbers are used below, as that source gives them. §3.4 (l, u and α learned by
 back-propagation) is the section the issue cites. Here their gradients are what autograd gives
-through the definition (no custom backward; ``floor`` gives the interval
-index a zero gradient). Unlike ``ricky40403/DSQ``, the forward here is Q_S itself, not sign(φ):
-the hard quantizer (``dsq_hard``) is what evaluation uses.
+through the definition (no custom backward; ``floor`` gives the interval index a zero
+gradient). The training forward is Q_S itself (the paper's Fig. 1 caption, as quoted by a
+review: DSQ is applied during training and "can completely convert to the hard uniform
+quantization by sign operation" after it); ``dsq_hard`` is what evaluation uses, and
+``dsq_ste`` is MQBench's released variant (hard forward, soft gradient).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 
 from .._checks import check_float_tensor, check_int
 
-__all__ = ["dsq", "dsq_hard", "dsq_phi"]
+__all__ = ["dsq", "dsq_hard", "dsq_phi", "dsq_ste"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -84,7 +90,7 @@ def _interval(x, lower, upper, bits):
 
 
 def dsq_phi(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
-    """DSQ's soft function φ(x) = s·tanh(k(x - m_i)) (Gong et al. 2019, §3), in [-1, 1] inside [l, u].
+    """DSQ's soft function φ(x) = s·tanh(k(x - m_i)) (Gong et al. 2019, Eq. 1 and 5), in [-1, 1] inside [l, u].
 
     x: any shape, float dtype; lower, upper, alpha: tensors (or numbers) broadcastable to x, with
     lower < upper and 0 < alpha < 1. x is clamped to [l, u] first (outside, Q_S is l or u and φ is
@@ -106,7 +112,7 @@ def _phi(xc, lo, up, al, bits):
 
 
 def dsq(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
-    """DSQ's soft quantizer Q_S(x) (Gong et al. 2019, §3): l below l, u above u, else
+    """DSQ's soft quantizer Q_S(x) (Gong et al. 2019, Eq. 2 with Eq. 4-5): l below l, u above u, else
     l + Δ(i + (φ(x) + 1)/2) with Δ = (u - l)/(2^b - 1) and φ = s·tanh(k(x - m_i)), s = 1/(1 - α),
     k = log(2/α - 1)/Δ (module docstring).
 
@@ -144,3 +150,21 @@ def dsq_hard(x: torch.Tensor, lower, upper, bits: int) -> torch.Tensor:
     delta = (up - lo) / (2 ** bits - 1)
     code = torch.round((torch.minimum(torch.maximum(xf, lo), up) - lo) / delta).clamp(0, 2 ** bits - 1)
     return (lo + delta * code.detach()).to(x.dtype)
+
+
+def dsq_ste(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
+    """DSQ as MQBench's released code trains it: the hard quantizer forward, the soft quantizer's
+    gradient backward (``soft + (hard - soft).detach()``).
+
+    MQBench (``mqbench/fake_quantize/dsq.py``, whose DSQ a first author of Gong et al. 2019 maintains)
+    rounds Q_S in the code domain with a straight-through round: the value is ``dsq_hard`` (the
+    rounded soft code is the nearest code, φ having the sign of x - m_i), the gradient that of
+    ``dsq`` (§3.4). The paper's own training forward is the soft Q_S (its Fig. 1: DSQ "converts to
+    the hard uniform quantization" after training); this is the released variant, offered because
+    it has no train/eval gap. Arguments, shapes and dtypes as ``dsq``; the forward equals
+    ``dsq_hard`` up to one float rounding of soft + (hard - soft).
+    """
+    soft = dsq(x, lower, upper, alpha, bits)
+    hard = dsq_hard(x.detach(), lower.detach() if isinstance(lower, torch.Tensor) else lower,
+                    upper.detach() if isinstance(upper, torch.Tensor) else upper, bits)
+    return soft + (hard - soft).detach()

@@ -55,7 +55,8 @@ def pretrained(dataset_name: str, arch: str = "resnet", seed: int = 0, progress:
     :class:`refimpl.data.DataSplit`.
 
     Used in :ref:`ch5-sec-white-paper-post-training`,
-    :ref:`ch6-sec-white-paper-quantization-aware`, :ref:`ch8-sec-pwlq`, :ref:`ch7-sec-easyquant`.
+    :ref:`ch6-sec-white-paper-quantization-aware`, :ref:`ch8-sec-pwlq`, :ref:`ch7-sec-easyquant`,
+    :ref:`ch9-sec-dsq`.
     """
     check_choice(dataset_name, "dataset_name", tuple(_data.DATASETS))
     check_choice(arch, "arch", tuple(dict.fromkeys(a for _, a in _train.TRAIN_DEFAULTS)))

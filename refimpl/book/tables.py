@@ -35,7 +35,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Se
     Used in :ref:`ch1-sec-why-quantize`, :ref:`ch2-sec-clipping`,
     :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-registers-lanes-and`,
     :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-the-straight-through-estimator`,
-    :ref:`ch8-sec-choosing-the-breakpoint`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`.
+    :ref:`ch8-sec-choosing-the-breakpoint`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`,
+    :ref:`ch9-sec-training-with-dsq`.
     """
     headers = [_cell(h) for h in headers]
     ncol = len(headers)
@@ -63,7 +64,8 @@ def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0.0 for a single value) of numbers.
 
     Used in :ref:`ch5-sec-per-tensor-weights-and-the`, :ref:`ch6-sec-the-qat-pipeline`,
-    :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`.
+    :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`,
+    :ref:`ch9-sec-training-with-dsq`.
     """
     vals = [float(v) for v in values]
     if not vals:
@@ -78,7 +80,8 @@ def format_mean_std(values, digits: int = 1) -> str:
     """"mean ± std" of numbers (e.g. accuracies over seeds), both to ``digits`` decimals.
 
     Used in :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-the-qat-pipeline`,
-    :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`.
+    :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`,
+    :ref:`ch9-sec-training-with-dsq`.
     """
     digits = check_int(digits, "digits", 0, 6)
     mean, std = mean_std(values)
@@ -99,7 +102,7 @@ def check_claims(claims) -> None:
     Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-rounding`,
     :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-why-accumulators-overflow`,
     :ref:`ch5-sec-per-tensor-weights-and-the`, :ref:`ch6-sec-the-straight-through-estimator`,
-    :ref:`ch8-sec-choosing-the-breakpoint`, :ref:`ch7-sec-the-scale-search`.
+    :ref:`ch8-sec-choosing-the-breakpoint`, :ref:`ch7-sec-the-scale-search`, :ref:`ch9-sec-training-with-dsq`.
     """
     from collections.abc import Mapping
 

@@ -38,7 +38,7 @@ def max_accumulations(a_bits: int, w_bits: int, acc_bits: int, *, a_signed: bool
     int8 lanes (31 / 7 / 1 at 2 / 3 / 4 bits, issue 4) are reproduced by signed x signed with
     N * 2^(2b-2) <= 127: 2-bit 127 // 4 = 31, 3-bit 127 // 16 = 7, 4-bit 127 // 64 = 1.
 
-    Used in :ref:`ch4-sec-why-accumulators-overflow`.
+    Used in :ref:`ch4-sec-why-accumulators-overflow`, :ref:`ch9-sec-what-a-bit-costs-on-arm`.
     """
     for name, v in (("a_bits", a_bits), ("w_bits", w_bits), ("acc_bits", acc_bits)):
         if not isinstance(v, int) or isinstance(v, bool):

@@ -144,7 +144,7 @@ def conv_gemm_shape(input_shape, out_channels: int, kernel_size, *, stride=1, pa
     ``dilation``: an int or one per spatial dimension. Output size per dimension:
     ``(size + 2 padding - dilation (kernel - 1) - 1) // stride + 1`` (torch's formula).
 
-    Used in :ref:`ch7-sec-int7-on-arm`.
+    Used in :ref:`ch7-sec-int7-on-arm`, :ref:`ch9-sec-what-a-bit-costs-on-arm`.
     """
     if not isinstance(input_shape, (tuple, list)) or len(input_shape) not in (3, 4) or not all(
             isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
@@ -243,7 +243,7 @@ def compare_kernels(m: int, k: int, n: int, configs=INT7_CONFIGS, *, cores=None,
     (cortex-a55, -a72, -a76; FileNotFoundError if it is not installed). Returns one
     :class:`KernelComparison` per config, in order.
 
-    Used in :ref:`ch7-sec-int7-on-arm`.
+    Used in :ref:`ch7-sec-int7-on-arm`, :ref:`ch9-sec-what-a-bit-costs-on-arm`.
     """
     dims = [_check_int(nm, v, 1, 1 << 24) for nm, v in (("m", m), ("k", k), ("n", n))]
     cores = CORES if cores is None else tuple(cores)
@@ -485,7 +485,7 @@ def ncnn_int8_gemm(A, B, *, core: str = "cortex-a53", trace: bool = False) -> Ge
     and cycles come from the pieces: prologue and epilogue timed once, the loop at its steady
     state. The ADDP reduction and a single 64-byte store stand in for ncnn's per-row stores.
 
-    Used in :ref:`ch7-sec-int7-on-arm`.
+    Used in :ref:`ch7-sec-int7-on-arm`, :ref:`ch9-sec-what-a-bit-costs-on-arm`.
     """
     if core not in CORES:
         raise ValueError(f"core must be one of {CORES}, got {core!r}")

@@ -51,7 +51,7 @@ class QuantConfig:
                             "pwlq": piecewise linear weights, post-training, weights only).
 
     Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch6-sec-the-qat-pipeline`,
-    :ref:`ch8-sec-post-training-quantization-with`.
+    :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch9-sec-training-with-dsq`.
     """
 
     weight_bits: int = 8

@@ -290,9 +290,10 @@ class DSQ(QuantizerKind):
     forward is the soft quantizer ``dsq``, in eval mode the hard one ``dsq_hard``, as the paper
     deploys it; with the option ``hard_forward`` (default False) training uses ``dsq_ste``
     instead, MQBench's released variant (hard forward, soft gradient). α is projected back into
-    [``alpha_min``, ``alpha_max``] before each training
-    forward, because a gradient step can leave (0, 1), where the soft quantizer is undefined
-    (the paper's own treatment was not available).
+    [``alpha_min``, ``alpha_max``] before each training forward, because a gradient step can
+    leave (0, 1), where the soft quantizer is undefined; the option ``alpha_max`` (default
+    1 - 1e-4) plays the part of the bound λ of the paper's Eq. 6, ``||α||_2 < λ``, whose value
+    was not available.
 
     The grid has 2^b levels from l to u, so narrow-range specs are refused. ``export`` (and
     switching to another kind) gives scale = (u - l)/(2^b - 1) and zero_point = qmin - l/scale
@@ -310,7 +311,12 @@ class DSQ(QuantizerKind):
         return ("lower", "upper", "alpha")
 
     def options(self, q):
-        return {"hard_forward": False}
+        return {"hard_forward": False, "alpha_max": self.alpha_max}
+
+    def option_changed(self, q, name):
+        if name == "alpha_max" and not self.alpha_min < q.alpha_max < 1:
+            bad, q.alpha_max = q.alpha_max, self.alpha_max
+            raise ValueError(f"alpha_max must lie in ({self.alpha_min}, 1), got {bad}")
 
     def init(self, q):
         if q.spec.narrow_range:
@@ -360,7 +366,7 @@ class DSQ(QuantizerKind):
         if not q.training:
             return dsq_hard(x, lo, up, q.spec.bits)
         with torch.no_grad():
-            q.alpha.clamp_(self.alpha_min, self.alpha_max)
+            q.alpha.clamp_(self.alpha_min, q.alpha_max)
         return (dsq_ste if q.hard_forward else dsq)(x, lo, up, q.alpha, q.spec.bits)
 
 

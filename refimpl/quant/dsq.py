@@ -31,9 +31,9 @@ numbers them: Eq. 1, φ(x) = s·tanh(k(x - m_i)) with s = 1/tanh(kΔ/2); Eq. 2, 
 α = 1 - tanh(kΔ/2) = 1 - 1/s; Eq. 4, k = (1/Δ)·log(2/α - 1); Eq. 5, φ written with α; Eq. 6,
 α learned by minimising the task loss subject to ``||α||_2 < λ`` (λ not given there). Those
 numbers are used below, as that source gives them. §3.4 (l, u and α learned by
-back-propagation) is the section the issue cites. Here their gradients are what autograd gives
-through the definition (no custom backward; ``floor`` gives the interval index a zero
-gradient). The training forward is Q_S itself (the paper's Fig. 1 caption, as quoted by a
+back-propagation) is the section the issue cites. Here their gradients are the derivatives of
+the definition (written out in one backward pass, and tested against autograd through the
+definition; the interval index is piecewise constant and has none). The training forward is Q_S itself (the paper's Fig. 1 caption, as quoted by a
 review: DSQ is applied during training and "can completely convert to the hard uniform
 quantization by sign operation" after it); ``dsq_hard`` is what evaluation uses, and
 ``dsq_ste`` is MQBench's released variant (hard forward, soft gradient).
@@ -95,6 +95,8 @@ def dsq_phi(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
     x: any shape, float dtype; lower, upper, alpha: tensors (or numbers) broadcastable to x, with
     lower < upper and 0 < alpha < 1. x is clamped to [l, u] first (outside, Q_S is l or u and φ is
     not used). Returns x's shape and dtype (computed in float32, or float64 for float64 inputs).
+
+    Used in :ref:`ch9-sec-the-soft-staircase`.
     """
     lower, upper, bits = _checked(x, lower, upper, bits)
     alpha = _check_alpha(alpha, x)
@@ -119,20 +121,72 @@ def dsq(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
     x: any shape, float dtype (float16/bfloat16/float32/float64); lower, upper, alpha: tensors
     (learnable; or numbers) broadcastable to x, e.g. shape (C, 1, 1, 1) for per-channel conv
     weights, with lower < upper and 0 < alpha < 1; bits in 1..8. Differentiable in x, lower,
-    upper and alpha by autograd through this definition (§3.4). Returns x's shape and dtype
+    upper and alpha (§3.4): the derivatives of this definition, written out (equal to autograd
+    through it, which tests/test_dsq.py checks; one pass, cheaper in training). Returns x's shape and dtype
     (computed in float32, or float64 when any input is float64).
+
+    Used in :ref:`ch9-sec-the-soft-staircase`.
     """
     lower, upper, bits = _checked(x, lower, upper, bits)
     alpha = _check_alpha(alpha, x)
     dt = _compute_dtype(x, lower, upper, alpha)
-    xf, lo, up, al = x.to(dt), lower.to(dt), upper.to(dt), alpha.to(dt)
-    # the soft branch on x clamped into [l, u]; where() then picks l or u outside, so that
-    # outside values pass gradient 1 to l or u and none to x or alpha
-    xc = torch.minimum(torch.maximum(xf, lo.detach()), up.detach())
-    phi, delta, i = _phi(xc, lo, up, al, bits)
-    inside = lo + delta * (i + (phi + 1) / 2)
-    out = torch.where(xf < lo, lo.expand_as(inside), torch.where(xf > up, up.expand_as(inside), inside))
-    return out.to(x.dtype)
+    return _SoftQuantizer.apply(x.to(dt), lower.to(dt), upper.to(dt), alpha.to(dt), bits).to(x.dtype)
+
+
+class _SoftQuantizer(torch.autograd.Function):
+    """Q_S with its derivatives written out (one pass instead of autograd's graph of ~20 ops).
+
+    Inside [l, u], with z = k(x - m_i), t = tanh(z), φ = s t and c = (Δ/2) s (1 - t²):
+    dQ/dx = c k; dQ/du = (i + (φ + 1)/2)/n + c dz/du, dQ/dl = 1 - (i + (φ + 1)/2)/n + c dz/dl
+    with dz/du = -k (x - m_i)/(nΔ) - k (i + 1/2)/n and dz/dl = k (x - m_i)/(nΔ) - k (1 - (i + 1/2)/n)
+    (Δ = (u - l)/n, m_i = l + (i + 1/2)Δ, i piecewise constant); dQ/dα = (Δ/2)(s² t + s (1 - t²)
+    (x - m_i) dk/dα) with dk/dα = -2/(α (2 - α) Δ). Below l: dQ/dl = 1; above u: dQ/du = 1; the
+    rest 0. tests/test_dsq.py checks this against autograd through the definition and against
+    finite differences.
+    """
+
+    @staticmethod
+    def forward(ctx, xf, lo, up, al, bits):
+        n = 2 ** bits - 1
+        # the soft branch on x clamped into [l, u]; where() then picks l or u outside
+        xc = torch.minimum(torch.maximum(xf, lo), up)
+        delta = (up - lo) / n
+        i = torch.floor((xc - lo) / delta).clamp(0, n - 1)
+        d = xc - (lo + (i + 0.5) * delta)
+        s = 1 / (1 - al)
+        log_term = torch.log(2 / al - 1)
+        k = log_term / delta
+        t = torch.tanh(k * d)
+        inside = lo + delta * (i + (s * t + 1) / 2)
+        below, above = xf < lo, xf > up
+        out = torch.where(below, lo.expand_as(inside), torch.where(above, up.expand_as(inside), inside))
+        ctx.save_for_backward(lo, up, al, delta, i, d, s, k, t, below, above)
+        ctx.n = n
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        lo, up, al, delta, i, d, s, k, t, below, above = ctx.saved_tensors
+        n = ctx.n
+        inner = ~(below | above)
+        c = 0.5 * delta * s * (1 - t * t)
+        level = (i + (s * t + 1) / 2) / n
+        grads = [None] * 5
+        if ctx.needs_input_grad[0]:
+            grads[0] = torch.where(inner, g * c * k, torch.zeros_like(g))
+        if ctx.needs_input_grad[1]:
+            dz_dl = k * d / (n * delta) - k * (1 - (i + 0.5) / n)
+            dl = torch.where(inner, 1 - level + c * dz_dl, below.to(g.dtype))
+            grads[1] = (g * dl).sum_to_size(lo.shape)
+        if ctx.needs_input_grad[2]:
+            dz_du = -k * d / (n * delta) - k * (i + 0.5) / n
+            du = torch.where(inner, level + c * dz_du, above.to(g.dtype))
+            grads[2] = (g * du).sum_to_size(up.shape)
+        if ctx.needs_input_grad[3]:
+            dk_da = -2 / (al * (2 - al) * delta)
+            da = 0.5 * delta * (s * s * t + s * (1 - t * t) * d * dk_da)
+            grads[3] = torch.where(inner, g * da, torch.zeros_like(g)).sum_to_size(al.shape)
+        return tuple(grads)
 
 
 def dsq_hard(x: torch.Tensor, lower, upper, bits: int) -> torch.Tensor:
@@ -143,6 +197,8 @@ def dsq_hard(x: torch.Tensor, lower, upper, bits: int) -> torch.Tensor:
     bits in 1..8. Returns x's shape and dtype; no gradient reaches x (round), lower and upper get
     autograd's (evaluation only). On the grid of an integer zero point it equals ``fake_quant``
     except at exact ties (x half-way between levels), where the rounding of (x - l)/Δ decides.
+
+    Used in :ref:`ch9-sec-the-soft-staircase`.
     """
     lower, upper, bits = _checked(x, lower, upper, bits)
     dt = _compute_dtype(x, lower, upper)
@@ -163,6 +219,8 @@ def dsq_ste(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
     the hard uniform quantization" after training); this is the released variant, offered because
     it has no train/eval gap. Arguments, shapes and dtypes as ``dsq``; the forward equals
     ``dsq_hard`` up to one float rounding of soft + (hard - soft).
+
+    Used in :ref:`ch9-sec-training-with-dsq`.
     """
     soft = dsq(x, lower, upper, alpha, bits)
     hard = dsq_hard(x.detach(), lower.detach() if isinstance(lower, torch.Tensor) else lower,

@@ -462,6 +462,25 @@ def test_the_kind_per_tensor_and_weights_only():
         bad.get_submodule("0").quantized_weight()
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_the_uniform_baseline_equals_its_former_formula(per_channel):
+    """The baseline now goes through tensor_range + qparams; the same bits as the formula it
+    replaced (scale = max|w| / qmax, 1 for an all-zero slice), zero channels included."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(6, 4, 3, 3, generator=gen) * torch.tensor([1e-3, 0.1, 1.0, 3.0, 0.0, 0.5]).view(-1, 1, 1, 1)
+    q = quantize_model(_small_model(), QuantConfig(weight_quantizer="pwlq", weight_bits=4,
+                                                   weight_per_channel=per_channel, act_bits=None))
+    wq = next(iter(weight_quantizers(q).values()))
+    wq.breakpoint_method = None
+    for bits in (2, 4, 8):
+        spec = QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=True, axis=0 if per_channel else None)
+        m = w.abs().amax(dim=(1, 2, 3)) if per_channel else w.abs().amax()
+        scale = torch.where(m > 0, m, torch.ones_like(m)).float() / spec.qmax
+        old = fake_quant(w, scale, torch.zeros_like(scale, dtype=torch.int32), spec)
+        wq.spec = QuantSpec(bits=bits, signed=True, symmetric=True, axis=0 if per_channel else None)
+        assert torch.equal(wq(w), old), bits
+
+
 def test_the_kind_without_breakpoint_is_the_uniform_baseline():
     # breakpoint_method=None: the paper's "Uniform" rows, the symmetric narrow grid on [-m, m];
     # checked against refimpl's min-max per-channel quantizer and against a direct reading of Eq. 1

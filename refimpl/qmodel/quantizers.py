@@ -216,13 +216,11 @@ class LSQ(QuantizerKind):
 
 
 def _uniform_max_abs(x: torch.Tensor, bits: int, axis) -> torch.Tensor:
-    """x on the symmetric narrow grid of step max|x| / (2^(b-1) - 1), per slice along axis."""
+    """x on the symmetric narrow grid of step max|x| / (2^(b-1) - 1), per slice along axis: the
+    min-max range (``tensor_range``) and its qparams, as every other weight grid here."""
     spec = QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=True, axis=axis)
-    dims = [d for d in range(x.ndim) if d != axis] if axis is not None else list(range(x.ndim))
-    m = x.detach().abs().amax(dim=dims) if dims else x.detach().abs()
-    # an all-zero slice quantizes to 0 at any positive scale
-    scale = torch.where(m > 0, m, torch.ones_like(m)).float() / spec.qmax
-    return fake_quant(x, scale, torch.zeros_like(scale, dtype=torch.int32), spec)
+    scale, zero_point = qparams(*tensor_range(x.detach(), spec, "minmax"), spec)
+    return fake_quant(x, scale, zero_point, spec)
 
 
 @register_kind

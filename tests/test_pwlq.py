@@ -333,6 +333,15 @@ def test_decomposition_is_exact_and_integer_kernels_match(scheme, dtype):
          + dl.scale_tail.double().T * (xi @ (dl.tail_sign.long() * dl.tail_codes.long()).T)
          + dl.offset.double().T * (xi @ dl.tail_sign.long().T))
     torch.testing.assert_close(y, xi.double() @ pwlq(lw, bits, m, p, scheme=scheme).double().T, rtol=tol, atol=tol)
+    # the methods do the same: the accumulators equal the einsum ones, combine equals y_int / sx
+    acc = d.accumulators(lambda wt: F.conv2d(x_int.double(), wt))
+    for got, want in zip(acc, (acc_c, acc_t, acc_o)):
+        assert torch.equal(got, want.reshape(2, 8, 4, 4).double())
+    torch.testing.assert_close(sx * d.combine(*acc), y_int, rtol=1e-15, atol=1e-15)
+    lin = dl.accumulators(lambda wt: xi.double() @ wt.T)
+    torch.testing.assert_close(dl.combine(*lin), y, rtol=1e-15, atol=1e-15)
+    with pytest.raises(TypeError, match="op must be a callable"):
+        d.accumulators("conv")
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "laplace"])

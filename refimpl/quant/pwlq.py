@@ -437,6 +437,42 @@ class PWLQDecomposition:
         return _assemble(self.centre_codes.to(dt), self.tail_codes.to(dt), self.tail_sign.to(dt),
                          self.scale_centre, self.scale_tail, self.offset)
 
+    def accumulators(self, op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three accumulators of a layer with this weight (the paper's Table 1, one breakpoint):
+        ``op(centre_codes)``, ``op(tail_sign * tail_codes)`` and ``op(tail_sign)``.
+
+        op: the layer as a function of its weight, linear in it, e.g. ``lambda w: F.conv1d(x_int, w,
+        stride=2)`` with integer-valued activations ``x_int``; it is called with float64 weights
+        holding integers, so the accumulators are exact integers while they stay below 2^53.
+        Returns (centre, tail, offset), each op's output shape.
+
+        Used in :ref:`ch8-sec-what-pwlq-costs-at-inference`.
+        """
+        if not callable(op):
+            raise TypeError(f"op must be a callable taking a weight tensor, got {type(op).__name__}")
+        f64 = torch.float64
+        return (op(self.centre_codes.to(f64)), op((self.tail_sign * self.tail_codes).to(f64)),
+                op(self.tail_sign.to(f64)))
+
+    def combine(self, centre: torch.Tensor, tail: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its three accumulators: scale_centre * centre + scale_tail * tail
+        + offset * offset, per output channel, in float64.
+
+        centre, tail, offset: as :meth:`accumulators` returns them, output channels on dim 1
+        (convolutions, linear layers; any dim for a per-tensor decomposition). Returns their shape.
+
+        Used in :ref:`ch8-sec-what-pwlq-costs-at-inference`.
+        """
+        def per_channel(c):
+            c = c.double()
+            if c.numel() == 1:
+                return c.reshape(())
+            shape = [1] * centre.ndim
+            shape[1] = c.numel()
+            return c.reshape(shape)
+        return (per_channel(self.scale_centre) * centre.double() + per_channel(self.scale_tail) * tail.double()
+                + per_channel(self.offset) * offset.double())
+
 
 def pwlq_decompose(x: torch.Tensor, bits: int, m, p, *, axis: int | None = 0,
                    scheme: str = "signed_centre") -> PWLQDecomposition:

@@ -24,7 +24,7 @@ from ..numerics import sqrt
 from .nonuniform import pow2_levels, quantize_to_levels
 
 __all__ = ["log_levels", "log_quant", "bitshift_dot", "pot_levels", "pot_quant", "apot_levels", "apot_quant",
-           "weight_norm"]
+           "apot_terms", "weight_norm"]
 
 _FSR_RANGE = (-64, 64)
 
@@ -157,6 +157,18 @@ def _apot_magnitudes(mbits: int, k: int) -> torch.Tensor:
     return v / v.max()
 
 
+def _apot_term_counts(mbits: int, k: int) -> torch.Tensor:
+    """Power-of-two terms of each magnitude of :func:`_apot_magnitudes`, in its order.
+
+    Every exponent is dealt to one term only, so a level's terms are the set bits of its
+    unnormalised sum: sum * 2^e_max is an integer whose popcount counts them.
+    """
+    mags = _apot_magnitudes(mbits, k)
+    # exponents run 1..e_max, so the sums are integer multiples of the smallest one, 2^-e_max
+    ints = torch.round(mags / mags[mags > 0].min()).to(torch.int64)
+    return torch.tensor([bin(int(i)).count("1") for i in ints], dtype=torch.int64)
+
+
 def _signed_grid(mags: torch.Tensor, signed: bool) -> torch.Tensor:
     return torch.cat([-mags[1:].flip(0), mags]) if signed else mags
 
@@ -180,6 +192,26 @@ def apot_levels(bits: int, k: int, alpha: float, *, signed: bool = True) -> torc
     k = check_int(k, "k", 1, max(mbits, 2))
     alpha = _check_alpha_value(alpha)
     return _signed_grid(alpha * _apot_magnitudes(mbits, k), signed)
+
+
+def apot_terms(bits: int, k: int, *, signed: bool = True) -> torch.Tensor:
+    """How many power-of-two terms each level of :func:`apot_levels` (bits, k) is a sum of.
+
+    Li et al. 2020, Q^a: a level gamma * sum_i p_i has one term per nonzero p_i, so multiplying
+    an integer x by it costs that many shifts of x and one add fewer (the common factor
+    gamma * alpha is applied once per output, as a uniform grid's scale is). k = 1 (the uniform
+    grid) counts the set bits of the level's integer code; k = B (PoT, :func:`pot_levels`) gives
+    1 for every nonzero level. The sign is not counted (it selects add or subtract).
+    bits, k, signed: as :func:`apot_levels`. Returns an int64 1-d tensor, one count per level of
+    ``apot_levels(bits, k, alpha, signed=signed)`` in its order (0 for the zero level).
+    """
+    bits = check_int(bits, "bits", 2, 8)
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed must be a bool, got {signed!r}")
+    mbits = bits - 1 if signed else bits
+    k = check_int(k, "k", 1, max(mbits, 2))
+    counts = _apot_term_counts(mbits, k)
+    return torch.cat([counts[1:].flip(0), counts]) if signed else counts
 
 
 def pot_levels(bits: int, alpha: float, *, signed: bool = True) -> torch.Tensor:

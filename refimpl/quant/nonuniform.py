@@ -38,7 +38,7 @@ def quantize_to_levels(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     x: floating tensor, any shape; levels: 1-d real tensor, distinct values in increasing order.
     Returns a tensor of x's shape and dtype holding levels.
 
-    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`.
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch10-sec-what-a-multiply-costs`.
     """
     check_float_tensor(x, "x")
     check_float_tensor(levels, "levels")

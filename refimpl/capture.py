@@ -108,7 +108,7 @@ def capture_activations(model: nn.Module, x: torch.Tensor, names: Iterable[str] 
 
     Used in :ref:`ch1-sec-symmetric-and-asymmetric-grids`, :ref:`ch2-sec-clipping`,
     :ref:`ch3-sec-activations`, :ref:`ch4-sec-a-real-layer-through-a-kernel`,
-    :ref:`ch8-sec-what-pwlq-costs-at-inference`.
+    :ref:`ch8-sec-what-pwlq-costs-at-inference`, :ref:`ch10-sec-logquant`.
     """
     _check_model(model)
     modules = dict(model.named_modules())

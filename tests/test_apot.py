@@ -15,7 +15,7 @@ from refimpl.fold import fold_all_bn
 from refimpl.models import ResNetCNN
 from refimpl.qmodel import (QuantConfig, act_quantizers, calibrate, freeze, quantize_model, set_kind_options,
                             set_trainable, weight_quantizers)
-from refimpl.quant import (apot_levels, apot_quant, bitshift_dot, log_levels, log_quant, pot_levels, pot_quant,
+from refimpl.quant import (apot_levels, apot_quant, apot_terms, bitshift_dot, log_levels, log_quant, pot_levels, pot_quant,
                            pow2_levels, weight_norm)
 
 
@@ -344,3 +344,30 @@ def test_freeze_keeps_non_uniform_kinds():
     freeze(q)
     assert {m.kind for m in weight_quantizers(q).values()} == {"apot"}
     assert {m.kind for m in act_quantizers(q).values()} == {"fixed"}
+
+
+# --------------------------------------------------------------------------------------------
+# Power-of-two terms per level (the cost of a multiply)
+# --------------------------------------------------------------------------------------------
+def test_apot_terms_by_hand_4bit_unsigned():
+    # p0 in {0, 1, 1/4, 1/16}, p1 in {0, 1/2, 1/8, 1/32}: a level's terms are its nonzero p_i
+    p0, p1 = [0, 1, 1 / 4, 1 / 16], [0, 1 / 2, 1 / 8, 1 / 32]
+    want = [n for _, n in sorted(((a + b), (a > 0) + (b > 0)) for a in p0 for b in p1)]
+    assert apot_terms(4, 2, signed=False).tolist() == want
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
+def test_apot_terms_official_construction_uniform_and_pot(bits):
+    # k = 2: as many terms as nonzero base-set entries in the sum (official bases, weights B = bits - 1)
+    B = bits - 1
+    combos = sorted((sum(t), sum(v > 0 for v in t)) for t in itertools.product(*OFFICIAL_BASES[B]))
+    mags = [n for _, n in combos]
+    assert apot_terms(bits, 2).tolist() == mags[1:][::-1] + mags
+    assert apot_terms(bits, 2).numel() == apot_levels(bits, 2, 1.0).numel()
+    # k = 1: the set bits of the integer code; PoT (k = B): one term per nonzero level
+    assert apot_terms(bits, 1, signed=False).tolist() == [bin(j).count("1") for j in range(2 ** bits)]
+    if B >= 2:
+        pot = apot_terms(bits, B)
+        assert pot.tolist() == [1] * (2 ** B - 1) + [0] + [1] * (2 ** B - 1)
+    with pytest.raises(ValueError, match="bits"):
+        apot_terms(9, 2)

@@ -97,7 +97,8 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     "seconds": wall time of the whole pipeline, "cpu_seconds": its process CPU time (all threads;
     equals the wall time on an idle machine with one thread)}.
 
-    Used in :ref:`ch6-sec-the-qat-pipeline`, :ref:`ch9-sec-training-with-dsq`.
+    Used in :ref:`ch6-sec-the-qat-pipeline`, :ref:`ch9-sec-training-with-dsq`,
+    :ref:`ch10-sec-training-with-the-grids`.
     """
     epochs, lr, quant_lr, batch_size, seed = _check_args(
         fp_model, data, config, trainable, epochs, lr, quant_lr, batch_size, seed, bn, bn_reestimation,

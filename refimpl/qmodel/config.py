@@ -51,7 +51,8 @@ class QuantConfig:
                             "pwlq": piecewise linear weights, post-training, weights only).
 
     Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch6-sec-the-qat-pipeline`,
-    :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch9-sec-training-with-dsq`.
+    :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch9-sec-training-with-dsq`,
+    :ref:`ch10-sec-training-with-the-grids`.
     """
 
     weight_bits: int = 8

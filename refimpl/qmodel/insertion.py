@@ -209,7 +209,7 @@ def first_last_bits(model: nn.Module, config: QuantConfig, bits: int = 8) -> Qua
     and the last produces the logits, while the two together cost little of the compute.
     ``model``: the BN-free model that will be passed to ``quantize_model``.
 
-    Used in :ref:`ch6-sec-where-w4a4-loses-the-first-and`.
+    Used in :ref:`ch6-sec-where-w4a4-loses-the-first-and`, :ref:`ch10-sec-training-with-the-grids`.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")

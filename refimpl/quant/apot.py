@@ -24,7 +24,7 @@ from ..numerics import sqrt
 from .nonuniform import pow2_levels, quantize_to_levels
 
 __all__ = ["log_levels", "log_quant", "bitshift_dot", "pot_levels", "pot_quant", "apot_levels", "apot_quant",
-           "weight_norm"]
+           "apot_terms", "weight_norm"]
 
 _FSR_RANGE = (-64, 64)
 
@@ -46,6 +46,8 @@ def log_levels(bits: int, fsr: int) -> torch.Tensor:
     bits-wide exponent code holds 2^bits of them). The sign is stored apart from the exponent.
     bits: 1..8; fsr: integer -64..64 (log2 of the largest level). Returns a float64 1-d tensor of
     2 (2^bits + 1) + 1 increasing levels.
+
+    Used in :ref:`ch10-sec-logquant`.
     """
     bits, fsr = _check_log_args(bits, fsr)
     mags = torch.pow(2.0, torch.arange(fsr - 2 ** bits, fsr + 1, dtype=torch.float64))
@@ -62,6 +64,8 @@ def log_quant(x: torch.Tensor, bits: int, fsr: int, *, return_codes: bool = Fals
     range overflow or flush as a cast does). bits: 1..8 exponent bits; fsr: integer -64..64.
     Returns x's shape and dtype; with ``return_codes`` also (sign, exponent): int8 sign in
     {-1, 0, 1} and int64 exponent x~ (FSR - 2^bits where x = 0), for :func:`bitshift_dot`.
+
+    Used in :ref:`ch10-sec-logquant`.
     """
     check_float_tensor(x, "x")
     bits, fsr = _check_log_args(bits, fsr)
@@ -93,6 +97,8 @@ def bitshift_dot(w_codes, x_int: torch.Tensor) -> tuple[torch.Tensor, int]:
     return_codes=True)`` gives; x_int: integer tensor broadcasting against them over the last
     dimension. Returns (acc int64 of the broadcast shape without the last dimension, shift int).
     Raises ValueError if the shifted sums could overflow int64.
+
+    Used in :ref:`ch10-sec-logquant`.
     """
     if not (isinstance(w_codes, (tuple, list)) and len(w_codes) == 2):
         raise TypeError("w_codes must be a (sign, exponent) pair of integer tensors")
@@ -157,6 +163,18 @@ def _apot_magnitudes(mbits: int, k: int) -> torch.Tensor:
     return v / v.max()
 
 
+def _apot_term_counts(mbits: int, k: int) -> torch.Tensor:
+    """Power-of-two terms of each magnitude of :func:`_apot_magnitudes`, in its order.
+
+    Every exponent is dealt to one term only, so a level's terms are the set bits of its
+    unnormalised sum: sum * 2^e_max is an integer whose popcount counts them.
+    """
+    mags = _apot_magnitudes(mbits, k)
+    # exponents run 1..e_max, so the sums are integer multiples of the smallest one, 2^-e_max
+    ints = torch.round(mags / mags[mags > 0].min()).to(torch.int64)
+    return torch.tensor([bin(int(i)).count("1") for i in ints], dtype=torch.int64)
+
+
 def _signed_grid(mags: torch.Tensor, signed: bool) -> torch.Tensor:
     return torch.cat([-mags[1:].flip(0), mags]) if signed else mags
 
@@ -172,6 +190,8 @@ def apot_levels(bits: int, k: int, alpha: float, *, signed: bool = True) -> torc
     B = 3, 5). k = 1 gives a uniform grid, k = B the PoT grid. 2^B magnitudes (0 included).
     bits: 2..8; k: 1..max(B, 2) dividing B (or 2); alpha > 0. Returns float64 1-d increasing levels:
     2^bits - 1 of them (signed) or 2^bits (unsigned).
+
+    Used in :ref:`ch10-sec-the-grids`.
     """
     bits = check_int(bits, "bits", 2, 8)
     if not isinstance(signed, bool):
@@ -182,6 +202,28 @@ def apot_levels(bits: int, k: int, alpha: float, *, signed: bool = True) -> torc
     return _signed_grid(alpha * _apot_magnitudes(mbits, k), signed)
 
 
+def apot_terms(bits: int, k: int, *, signed: bool = True) -> torch.Tensor:
+    """How many power-of-two terms each level of :func:`apot_levels` (bits, k) is a sum of.
+
+    Li et al. 2020, Q^a: a level gamma * sum_i p_i has one term per nonzero p_i, so multiplying
+    an integer x by it costs that many shifts of x and one add fewer (the common factor
+    gamma * alpha is applied once per output, as a uniform grid's scale is). k = 1 (the uniform
+    grid) counts the set bits of the level's integer code; k = B (PoT, :func:`pot_levels`) gives
+    1 for every nonzero level. The sign is not counted (it selects add or subtract).
+    bits, k, signed: as :func:`apot_levels`. Returns an int64 1-d tensor, one count per level of
+    ``apot_levels(bits, k, alpha, signed=signed)`` in its order (0 for the zero level).
+
+    Used in :ref:`ch10-sec-what-a-multiply-costs`.
+    """
+    bits = check_int(bits, "bits", 2, 8)
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed must be a bool, got {signed!r}")
+    mbits = bits - 1 if signed else bits
+    k = check_int(k, "k", 1, max(mbits, 2))
+    counts = _apot_term_counts(mbits, k)
+    return torch.cat([counts[1:].flip(0), counts]) if signed else counts
+
+
 def pot_levels(bits: int, alpha: float, *, signed: bool = True) -> torch.Tensor:
     """The PoT grid Q^p(alpha, b) = alpha * {0, +-2^-j}, the largest level alpha.
 
@@ -190,6 +232,8 @@ def pot_levels(bits: int, alpha: float, *, signed: bool = True) -> torch.Tensor:
     2^-j for j = 0 .. 2^B - 2. The paper's formula lists one more, 2^-(2^(b-1) - 1), which a
     b-bit code cannot hold; signed, this is :func:`refimpl.quant.pow2_levels` (bits, alpha).
     bits: 2..16 (signed), 2..15 (unsigned); alpha > 0. Returns float64 1-d increasing levels.
+
+    Used in :ref:`ch10-sec-the-grids`.
     """
     if not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool, got {signed!r}")
@@ -272,6 +316,8 @@ def apot_quant(x: torch.Tensor, bits: int, alpha, k: int = 2, *, signed: bool = 
     x: floating tensor, any shape and dtype (computed in float64); alpha: number or floating
     tensor > 0 broadcasting against x; k: base bit-width (default 2, the paper's). Returns x's
     shape and dtype.
+
+    Used in :ref:`ch10-sec-the-grids`.
     """
     return _clipped_levels(x, alpha, apot_levels(bits, k, 1.0, signed=signed), signed, rcf)
 
@@ -282,6 +328,8 @@ def weight_norm(w: torch.Tensor) -> torch.Tensor:
     Li et al. 2020, weight normalisation (the authors' code: ``weight.std()``, the unbiased estimate).
     Differentiable through the mean and the standard deviation. w: floating tensor with at least
     two elements, not constant; computed in float32 for float16/bfloat16. Returns w's shape and dtype.
+
+    Used in :ref:`ch10-sec-the-grids`.
     """
     check_float_tensor(w, "w")
     if w.numel() < 2:

@@ -38,7 +38,7 @@ def quantize_to_levels(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     x: floating tensor, any shape; levels: 1-d real tensor, distinct values in increasing order.
     Returns a tensor of x's shape and dtype holding levels.
 
-    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`.
+    Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch10-sec-what-a-multiply-costs`.
     """
     check_float_tensor(x, "x")
     check_float_tensor(levels, "levels")
@@ -50,10 +50,11 @@ def quantize_to_levels(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     if lv.numel() == 1:
         return torch.full_like(x, float(lv[0]))
     v = x.detach().double().reshape(-1)
-    hi = torch.searchsorted(lv, v).clamp(1, lv.numel() - 1)
-    lo = hi - 1
-    d_lo, d_hi = v - lv[lo], lv[hi] - v
+    hi = torch.searchsorted(lv, v).clamp_(1, lv.numel() - 1)
+    # the two neighbouring levels, gathered once (QAT calls this on every activation)
+    l_lo, l_hi = lv[hi - 1], lv[hi]
+    d_lo, d_hi = v - l_lo, l_hi - v
     # nearest; on a tie prefer the level of smaller magnitude
-    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (lv[hi].abs() < lv[lo].abs()))
-    out = torch.where(take_hi, lv[hi], lv[lo])
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (l_hi.abs() < l_lo.abs()))
+    out = torch.where(take_hi, l_hi, l_lo)
     return out.reshape(x.shape).to(x.dtype)

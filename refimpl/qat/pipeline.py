@@ -114,17 +114,12 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     if kind_options:
         set_kind_options(qmodel, kind_options)
     history = {"ptq_acc": evaluate(qmodel, data.x_test, data.y_test), "loss": [], "test_acc": []}
-    scalars = _scalar_params(qmodel)
-    history["weight_params"] = {n: {p: [float(t.detach())] for p, t in d.items()} for n, d in scalars[0].items()}
-    history["act_params"] = {n: {p: [float(t.detach())] for p, t in d.items()} for n, d in scalars[1].items()}
+    record = _scalar_recorder(qmodel, history)
 
     def after_step():
         """Keep learned scales positive; record the quantizers' scalar parameters."""
         _clamp_scales(qmodel)
-        for hist, group in ((history["weight_params"], scalars[0]), (history["act_params"], scalars[1])):
-            for n, d in group.items():
-                for p, t in d.items():
-                    hist[n][p].append(float(t.detach()))
+        record()
     qids = {id(p) for p in quant_params}
     weights = [p for p in qmodel.parameters() if id(p) not in qids]
     # fused: its square root is the exact vector instruction, the same on every CPU (refimpl.numerics)
@@ -199,12 +194,22 @@ def _check_args(fp_model, data, config, trainable, epochs, lr, quant_lr, batch_s
     return epochs, lr, quant_lr, batch_size, seed
 
 
-def _scalar_params(qmodel: nn.Module) -> tuple[dict, dict]:
-    """({layer: {name: 0-d Parameter}}, {site: {name: 0-d Parameter}}): the quantizers' learned scalars."""
+def _scalar_recorder(qmodel: nn.Module, history: dict):
+    """Start history["weight_params"] {layer: {name: [value]}} and history["act_params"] {site: ...}
+    with every 0-d learned quantizer parameter; return a function appending their current values."""
     def scalars(q):
         return {n: p for n, p in q.named_parameters(recurse=False) if p.ndim == 0}
-    return ({n: d for n, q in weight_quantizers(qmodel).items() if (d := scalars(q))},
-            {n: d for n, q in act_quantizers(qmodel).items() if (d := scalars(q))})
+    groups = {"weight_params": {n: d for n, q in weight_quantizers(qmodel).items() if (d := scalars(q))},
+              "act_params": {n: d for n, q in act_quantizers(qmodel).items() if (d := scalars(q))}}
+    for key, group in groups.items():
+        history[key] = {n: {p: [float(t.detach())] for p, t in d.items()} for n, d in group.items()}
+
+    def record():
+        for key, group in groups.items():
+            for n, d in group.items():
+                for p, t in d.items():
+                    history[key][n][p].append(float(t.detach()))
+    return record
 
 
 def _clamp_scales(qmodel: nn.Module) -> None:

@@ -15,8 +15,8 @@ from refimpl.fold import fold_all_bn
 from refimpl.models import ResNetCNN
 from refimpl.qmodel import (QuantConfig, act_quantizers, calibrate, freeze, quantize_model, set_kind_options,
                             set_trainable, weight_quantizers)
-from refimpl.quant import (apot_levels, apot_quant, apot_terms, bitshift_dot, log_levels, log_quant, pot_levels, pot_quant,
-                           pow2_levels, weight_norm)
+from refimpl.quant import (apot_alpha_search, apot_levels, apot_quant, apot_terms, apot_weight_terms, bitshift_dot, log_levels, log_quant,
+                           pot_levels, pot_quant, pow2_levels, weight_norm)
 
 
 def _gen(seed=0):
@@ -371,3 +371,31 @@ def test_apot_terms_official_construction_uniform_and_pot(bits):
         assert pot.tolist() == [1] * (2 ** B - 1) + [0] + [1] * (2 ** B - 1)
     with pytest.raises(ValueError, match="bits"):
         apot_terms(9, 2)
+
+
+def test_apot_weight_terms_counts_the_terms_of_each_quantized_level():
+    x = torch.randn(500, generator=_gen(21)) * 1.3
+    for bits, k in ((4, 2), (5, 2), (4, 1), (4, 3)):
+        alpha = 2.5
+        t = apot_weight_terms(x, bits, alpha, k)
+        q = apot_quant(x, bits, alpha, k).double() / alpha          # the level each value lands on
+        levels, terms = apot_levels(bits, k, 1.0), apot_terms(bits, k)
+        idx = (q[:, None] - levels[None, :]).abs().argmin(1)
+        assert t.dtype == torch.int64 and t.shape == x.shape
+        assert torch.equal(t, terms[idx]), (bits, k)
+    # PoT (k = B): one term for every nonzero weight; zero weights cost nothing
+    t = apot_weight_terms(x, 4, 2.5, 3)
+    assert set(t.tolist()) <= {0, 1} and int(t.sum()) == int((apot_quant(x, 4, 2.5, 3) != 0).sum())
+
+
+def test_apot_alpha_search_is_the_grid_minimum():
+    x = torch.randn(300, generator=_gen(22))
+    alphas = torch.linspace(0.5, 4.0, 15)
+    alpha, err = apot_alpha_search(x, 4, 2, alphas)
+    brute = [float(((apot_quant(x, 4, float(a), 2) - x) ** 2).sum()) for a in alphas]
+    assert err == min(brute) and alpha == float(alphas[brute.index(min(brute))])
+    assert 0.5 < alpha < 4.0            # an interior minimum for a standard normal
+    with pytest.raises(ValueError, match="alphas must be a non-empty set of values > 0"):
+        apot_alpha_search(x, 4, 2, [0.0, 1.0])
+    with pytest.raises(ValueError, match="alphas"):
+        apot_alpha_search(x, 4, 2, [])

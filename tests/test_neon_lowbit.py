@@ -88,3 +88,11 @@ def test_dsq_configs_compare_exactly():
         for core, s in r.speedup.items():
             if s is not None:
                 assert s == pytest.approx(rows[0].cycles_per_mac[core] / r.cycles_per_mac[core])
+
+
+def test_lane_accumulate_names_its_instructions():
+    from refimpl.neon.int7 import lane_accumulate, smlal_accumulate
+    with pytest.raises(ValueError, match=r"instruction must be one of \('smlal', 'mla'\)"):
+        lane_accumulate("sdot", 1, 1, 2)
+    np.testing.assert_array_equal(lane_accumulate("mla", -2, -2, 33).lanes, mla_accumulate(-2, -2, 33).lanes)
+    np.testing.assert_array_equal(lane_accumulate("smlal", 127, 127, 4).lanes, smlal_accumulate(127, 127, 4).lanes)

@@ -29,7 +29,7 @@ from .kernels import GemmResult, KernelProgram, run_gemm
 from .machine import CORE_FEATURES, CORES, INSTRUCTION_FEATURES, Machine, lanes
 from .timing import CORE_MODELS, Timer, klass, llvm_mca_steady_state, steady_state_cycles
 
-__all__ = ["max_smlal_accumulations", "AccumulationTrace", "smlal_accumulate", "conv_gemm_shape",
+__all__ = ["max_smlal_accumulations", "AccumulationTrace", "lane_accumulate", "smlal_accumulate", "conv_gemm_shape",
            "KernelConfig", "INT7_CONFIGS", "KernelComparison", "compare_kernels",
            "resource_bounds", "NCNN_INT8_LOOP", "ncnn_int8_gemm"]
 
@@ -80,24 +80,61 @@ class AccumulationTrace:
         return self.lanes.astype(np.int64) != self.exact
 
 
-def _lane_operand(name, x):
+# the repeated accumulations the simulator can trace: (instruction text, operand lanes, destination
+# arrangement); operands in v0 and v1, destination v2
+_ACCUMULATORS = {"smlal": ("smlal v2.8h, v0.8b, v1.8b", 8, "8h", "int16 lane of SMLAL .8h"),
+                 "mla": ("mla v2.16b, v0.16b, v1.16b", 16, "16b", "int8 lane of MLA .16b")}
+
+
+def _lane_operand(name, x, n_lanes, what):
     arr = np.asarray(x)
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must be an integer or an integer array, got {arr.dtype}")
-    if arr.ndim > 1 or (arr.ndim == 1 and not 1 <= arr.shape[0] <= 8):
-        raise ValueError(f"{name} must be a scalar or have 1..8 elements (one per int16 lane of "
-                         f"SMLAL .8h), got shape {arr.shape}")
+    if arr.ndim > 1 or (arr.ndim == 1 and not 1 <= arr.shape[0] <= n_lanes):
+        raise ValueError(f"{name} must be a scalar or have 1..{n_lanes} elements (one per {what}), "
+                         f"got shape {arr.shape}")
     if arr.size and (arr.min() < -128 or arr.max() > 127):
         raise ValueError(f"{name} values must be int8, in [-128, 127], got range "
                          f"[{arr.min()}, {arr.max()}]")
-    out = np.zeros(8, np.int8)
-    out[:] = np.resize(arr.astype(np.int8).ravel(), 8) if arr.ndim else arr
+    out = np.zeros(n_lanes, np.int8)
+    out[:] = np.resize(arr.astype(np.int8).ravel(), n_lanes) if arr.ndim else arr
     return out
+
+
+def lane_accumulate(instruction: str, a, w, accumulations: int, *, core: str = "cortex-a53") -> AccumulationTrace:
+    """Run a multiply-accumulate ``accumulations`` times from a zero accumulator on the simulator and
+    record every lane against the exact sum: ``"smlal"`` is ``SMLAL v2.8h, v0.8b, v1.8b`` (eight
+    int16 lanes, EasyQuant's INT7 argument), ``"mla"`` is ``MLA v2.16b, v0.16b, v1.16b`` (sixteen
+    int8 lanes, DSQ's).
+
+    ``a``, ``w``: the int8 operands of the lanes, scalars or arrays of 1..L values (repeated to
+    fill the L lanes). ``accumulations`` in 1..4096. ``core``: one of :data:`~refimpl.neon.CORES`
+    (the instruction is the same on all). :func:`smlal_accumulate` and
+    :func:`refimpl.neon.lowbit.mla_accumulate` call it.
+    """
+    if instruction not in _ACCUMULATORS:
+        raise ValueError(f"instruction must be one of {tuple(_ACCUMULATORS)}, got {instruction!r}")
+    asm, n_lanes, arrangement, what = _ACCUMULATORS[instruction]
+    av, wv = _lane_operand("a", a, n_lanes, what), _lane_operand("w", w, n_lanes, what)
+    n = _check_int("accumulations", accumulations, 1, 4096)
+    if core not in CORES:
+        raise ValueError(f"core must be one of {CORES}, got {core!r}")
+    m = Machine(core, 16)
+    m.v[0, :n_lanes] = av.view(np.uint8)
+    m.v[1, :n_lanes] = wv.view(np.uint8)
+    out = np.zeros((n, n_lanes), np.int16 if arrangement == "8h" else np.int8)
+    for i in range(n):
+        m.run(asm)
+        out[i] = lanes(m.v[2], arrangement)
+    exact = np.cumsum(np.tile(av.astype(np.int64) * wv.astype(np.int64), (n, 1)), axis=0)
+    bad = np.flatnonzero((out.astype(np.int64) != exact).any(axis=1))
+    return AccumulationTrace(out, exact, int(bad[0]) + 1 if bad.size else None, av, wv)
 
 
 def smlal_accumulate(a, w, accumulations: int, *, core: str = "cortex-a53") -> AccumulationTrace:
     """Run ``SMLAL v2.8h, v0.8b, v1.8b`` ``accumulations`` times from a zero accumulator on the
-    simulator and record every int16 lane against the exact sum (Wu et al. 2020, §3.3, Fig. 2).
+    simulator and record every int16 lane against the exact sum (Wu et al. 2020, §3.3, Fig. 2);
+    :func:`lane_accumulate` ``("smlal", ...)``.
 
     ``a``, ``w``: the int8 operands of the eight lanes, scalars or arrays of 1..8 values
     (repeated to fill 8 lanes). ``accumulations`` in 1..4096. ``core``: one of
@@ -107,20 +144,7 @@ def smlal_accumulate(a, w, accumulations: int, *, core: str = "cortex-a53") -> A
 
     Used in :ref:`ch7-sec-int7-on-arm`.
     """
-    av, wv = _lane_operand("a", a), _lane_operand("w", w)
-    n = _check_int("accumulations", accumulations, 1, 4096)
-    if core not in CORES:
-        raise ValueError(f"core must be one of {CORES}, got {core!r}")
-    m = Machine(core, 16)
-    m.v[0, :8] = av.view(np.uint8)
-    m.v[1, :8] = wv.view(np.uint8)
-    out = np.zeros((n, 8), np.int16)
-    for i in range(n):
-        m.run("smlal v2.8h, v0.8b, v1.8b")
-        out[i] = lanes(m.v[2], "8h")
-    exact = np.cumsum(np.tile(av.astype(np.int64) * wv.astype(np.int64), (n, 1)), axis=0)
-    bad = np.flatnonzero((out.astype(np.int64) != exact).any(axis=1))
-    return AccumulationTrace(out, exact, int(bad[0]) + 1 if bad.size else None, av, wv)
+    return lane_accumulate("smlal", a, w, accumulations, core=core)
 
 
 # ---- convolution as a GEMM ----------------------------------------------------------------------

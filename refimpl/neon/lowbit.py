@@ -14,32 +14,15 @@ available here beyond the abstract's "up to 1.7x speed up, compared with ... NCN
 """
 from __future__ import annotations
 
-import numpy as np
-
-from .int7 import AccumulationTrace, KernelConfig
-from .machine import CORES, Machine, lanes
+from .int7 import AccumulationTrace, KernelConfig, lane_accumulate
 
 __all__ = ["mla_accumulate", "DSQ_CONFIGS"]
 
 
-def _operand(name, x):
-    arr = np.asarray(x)
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must be an integer or an integer array, got {arr.dtype}")
-    if arr.ndim > 1 or (arr.ndim == 1 and not 1 <= arr.shape[0] <= 16):
-        raise ValueError(f"{name} must be a scalar or have 1..16 elements (one per int8 lane of "
-                         f"MLA .16b), got shape {arr.shape}")
-    if arr.size and (arr.min() < -128 or arr.max() > 127):
-        raise ValueError(f"{name} values must be int8, in [-128, 127], got range "
-                         f"[{arr.min()}, {arr.max()}]")
-    out = np.zeros(16, np.int8)
-    out[:] = np.resize(arr.astype(np.int8).ravel(), 16) if arr.ndim else arr
-    return out
-
-
 def mla_accumulate(a, w, accumulations: int, *, core: str = "cortex-a53") -> AccumulationTrace:
     """Run ``MLA v2.16b, v0.16b, v1.16b`` ``accumulations`` times from a zero accumulator on the
-    simulator and record every int8 lane against the exact sum (DSQ's MLA/SADDW count).
+    simulator and record every int8 lane against the exact sum (DSQ's MLA/SADDW count);
+    :func:`refimpl.neon.int7.lane_accumulate` ``("mla", ...)``.
 
     ``a``, ``w``: the int8 operands of the sixteen lanes, scalars or arrays of 1..16 values
     (repeated to fill 16 lanes). ``accumulations`` in 1..4096; ``core``: one of
@@ -50,24 +33,7 @@ def mla_accumulate(a, w, accumulations: int, *, core: str = "cortex-a53") -> Acc
 
     Used in :ref:`ch9-sec-what-a-bit-costs-on-arm`.
     """
-    av, wv = _operand("a", a), _operand("w", w)
-    if isinstance(accumulations, bool) or not isinstance(accumulations, (int, np.integer)):
-        raise TypeError(f"accumulations must be an int, got {type(accumulations).__name__}")
-    if not 1 <= accumulations <= 4096:
-        raise ValueError(f"accumulations must be in 1..4096, got {accumulations}")
-    n = int(accumulations)
-    if core not in CORES:
-        raise ValueError(f"core must be one of {CORES}, got {core!r}")
-    m = Machine(core, 16)
-    m.v[0] = av.view(np.uint8)
-    m.v[1] = wv.view(np.uint8)
-    out = np.zeros((n, 16), np.int8)
-    for i in range(n):
-        m.run("mla v2.16b, v0.16b, v1.16b")
-        out[i] = lanes(m.v[2], "16b")
-    exact = np.cumsum(np.tile(av.astype(np.int64) * wv.astype(np.int64), (n, 1)), axis=0)
-    bad = np.flatnonzero((out.astype(np.int64) != exact).any(axis=1))
-    return AccumulationTrace(out, exact, int(bad[0]) + 1 if bad.size else None, av, wv)
+    return lane_accumulate("mla", a, w, accumulations, core=core)
 
 
 DSQ_CONFIGS: tuple[KernelConfig, ...] = (

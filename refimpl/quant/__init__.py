@@ -16,7 +16,8 @@ from .functional import (
     quantize,
     round_to_int,
 )
-from .apot import apot_levels, apot_quant, apot_terms, bitshift_dot, log_levels, log_quant, pot_levels, pot_quant, weight_norm
+from .apot import (apot_alpha_search, apot_levels, apot_quant, apot_terms, apot_weight_terms,
+                   bitshift_dot, log_levels, log_quant, pot_levels, pot_quant, weight_norm)
 from .nonuniform import pow2_levels, quantize_to_levels
 from .pwlq import (
     PWLQ_BREAKPOINT_METHODS,
@@ -33,7 +34,7 @@ from .ste import ste_derivatives, ste_fake_quant
 __all__ = [
     "QuantSpec", "qparams", "quantize", "dequantize", "fake_quant", "round_to_int", "in_grid",
     "broadcast_qparams", "pow2_levels", "quantize_to_levels",
-    "log_levels", "log_quant", "bitshift_dot", "pot_levels", "pot_quant", "apot_levels", "apot_quant", "apot_terms", "weight_norm",
+    "log_levels", "log_quant", "bitshift_dot", "pot_levels", "pot_quant", "apot_levels", "apot_quant", "apot_terms", "apot_weight_terms", "apot_alpha_search", "weight_norm",
     "pwlq", "pwlq_breakpoint", "pwlq_bias_correction", "pwlq_decompose", "PWLQDecomposition",
     "PWLQ_SCHEMES", "PWLQ_BREAKPOINT_METHODS",
     "lsq_fake_quant", "lsq_grad_scale", "ROUNDING_MODES", "ste_fake_quant", "ste_derivatives",

@@ -24,7 +24,7 @@ from ..numerics import sqrt
 from .nonuniform import pow2_levels, quantize_to_levels
 
 __all__ = ["log_levels", "log_quant", "bitshift_dot", "pot_levels", "pot_quant", "apot_levels", "apot_quant",
-           "apot_terms", "weight_norm"]
+           "apot_terms", "apot_weight_terms", "apot_alpha_search", "weight_norm"]
 
 _FSR_RANGE = (-64, 64)
 
@@ -340,3 +340,39 @@ def weight_norm(w: torch.Tensor) -> torch.Tensor:
     if not bool(var > 0):
         raise ValueError("w is constant; its standard deviation is 0")
     return (centred / sqrt(var)).to(w.dtype)
+
+
+def apot_weight_terms(x: torch.Tensor, bits: int, alpha: float, k: int = 2) -> torch.Tensor:
+    """How many power-of-two terms the APoT level of each value of x is a sum of (:func:`apot_terms`
+    of the level :func:`apot_quant` (x, bits, alpha, k) rounds it to; signed grid).
+
+    Li et al. 2020: the shifts of an integer multiply by that weight (one add fewer). x: floating
+    tensor, any shape; alpha > 0; bits, k as :func:`apot_levels`. Returns int64, x's shape.
+
+    Used in :ref:`ch10-sec-what-a-multiply-costs`.
+    """
+    check_float_tensor(x, "x")
+    alpha = _check_alpha_value(alpha)
+    levels = apot_levels(bits, k, 1.0)
+    terms = apot_terms(bits, k)
+    q = quantize_to_levels((x.detach() / alpha).clamp(-1, 1).double(), levels.to(x.device))
+    return terms.to(x.device)[torch.searchsorted(levels.to(x.device), q)]
+
+
+def apot_alpha_search(x: torch.Tensor, bits: int, k: int, alphas) -> tuple[float, float]:
+    """The clipping threshold alpha among ``alphas`` with the least squared error of
+    ``apot_quant(x, bits, alpha, k)`` (signed grid): (alpha, its sum of squared errors).
+
+    A grid search, as the range setting of chapter 3 but for the non-uniform grids (Li et al. 2020
+    learn alpha by RCF instead; this gives each grid its best alpha to compare their errors).
+    x: floating tensor; alphas: 1-d tensor or sequence of candidate values > 0. Ties: the first.
+
+    Used in :ref:`ch10-sec-the-grids`.
+    """
+    check_float_tensor(x, "x")
+    alphas = torch.as_tensor(alphas, dtype=torch.float64).flatten()
+    if alphas.numel() == 0 or bool((alphas <= 0).any()):
+        raise ValueError("alphas must be a non-empty set of values > 0")
+    errs = torch.stack([((apot_quant(x, bits, float(a), k) - x) ** 2).sum() for a in alphas])
+    i = int(errs.argmin())
+    return float(alphas[i]), float(errs[i])

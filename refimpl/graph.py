@@ -28,7 +28,7 @@ from torch import nn
 
 __all__ = [
     "WEIGHT_LAYERS", "BN_LAYERS", "trace", "device_of", "is_weight_layer", "in_channels", "out_channels",
-    "call_counts", "activation_kind", "is_relu", "is_add", "is_avg_pool", "keeps_sign", "fused_relu",
+    "call_counts", "activation_kind", "is_relu", "is_add", "is_avg_pool", "is_pool", "passes_values", "keeps_sign", "fused_relu",
     "bn_after", "layer_pairs", "chains", "nodes_of",
 ]
 
@@ -43,31 +43,62 @@ _AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvg
 _AVG_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean)
 _SIGN_KEEPING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
                          nn.Flatten, nn.Identity, nn.Dropout) + _AVG_MODULES
+_MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_MAX_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
 _SIGN_KEEPING_FUNCTIONS = (torch.flatten, F.max_pool1d, F.max_pool2d, F.dropout) + _AVG_FUNCTIONS
+_VALUE_METHODS = ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze")
 _SIGN_KEEPING_METHODS = ("view", "reshape", "flatten", "mean", "contiguous", "squeeze", "unsqueeze")
 
 
 # --------------------------------------------------------------------------------------------
 # Tracing and modules
 # --------------------------------------------------------------------------------------------
+class _NamingTracer(torch.fx.Tracer):
+    """torch.fx's default tracer, remembering which submodule was being traced when tracing failed."""
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            # the innermost module sets it first; outer modules leave it alone
+            if not hasattr(e, "refimpl_module"):
+                e.refimpl_module = self.path_of_module(m)
+            raise
+
+
+def _where(e: Exception, graph: torch.fx.Graph) -> str:
+    """Where tracing stopped: the submodule being traced and the last node recorded."""
+    module = getattr(e, "refimpl_module", None)
+    where = f" in submodule {module!r}" if module else " in the model's own forward"
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    if nodes:
+        last = nodes[-1]
+        target = last.target if isinstance(last.target, str) else getattr(last.target, "__name__", last.target)
+        where += f", after node {last.name!r} ({last.op} {target})"
+    return where
+
+
 def trace(model: nn.Module, tracer: torch.fx.Tracer | None = None) -> torch.fx.GraphModule:
     """A traced deep copy of ``model`` (``torch.fx.symbolic_trace``, or ``tracer``): editing its
     graph or modules never touches ``model``. A GraphModule is deep-copied as it is.
 
     Raises TypeError for a non-module, and ValueError quoting torch.fx's message for a model fx
-    cannot trace symbolically (data-dependent control flow, unsupported Python).
+    cannot trace symbolically (data-dependent control flow, unsupported Python); with the default
+    tracer the message names the submodule being traced and the last graph node recorded (the
+    value the failing Python used).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.fx.GraphModule):
         return copy.deepcopy(model)
     model = copy.deepcopy(model)
+    naming = tracer is None
+    tracer = _NamingTracer() if naming else tracer
     try:
-        if tracer is None:
-            return torch.fx.symbolic_trace(model)
         return torch.fx.GraphModule(model, tracer.trace(model), type(model).__name__)
     except Exception as e:  # torch.fx raises TraceError, TypeError, RuntimeError, ... depending on the cause
-        raise ValueError(f"torch.fx.symbolic_trace could not trace {type(model).__name__} (data-dependent "
+        where = _where(e, tracer.graph) if naming and getattr(tracer, "graph", None) is not None else ""
+        raise ValueError(f"torch.fx.symbolic_trace could not trace {type(model).__name__}{where} (data-dependent "
                          f"control flow or unsupported Python?): {type(e).__name__}: {e}") from e
 
 
@@ -149,6 +180,25 @@ def is_avg_pool(node: torch.fx.Node, modules: dict) -> bool:
     if node.op == "call_function":
         return node.target in _AVG_FUNCTIONS
     return node.op == "call_method" and node.target == "mean"
+
+
+def is_pool(node: torch.fx.Node, modules: dict) -> bool:
+    """Average or max pooling (module or function; ``torch.mean`` / ``.mean`` count as average)."""
+    if is_avg_pool(node, modules):
+        return True
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _MAX_MODULES)
+    return node.op == "call_function" and node.target in _MAX_FUNCTIONS
+
+
+def passes_values(node: torch.fx.Node, modules: dict) -> bool:
+    """An op that returns its input's values unchanged, only rearranged (identity, eval-mode
+    dropout, flatten, reshape/view, squeeze/unsqueeze, contiguous)."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], (nn.Identity, nn.Dropout, nn.Flatten))
+    if node.op == "call_function":
+        return node.target in (torch.flatten, F.dropout, torch.reshape, torch.squeeze, torch.unsqueeze)
+    return node.op == "call_method" and node.target in _VALUE_METHODS
 
 
 def keeps_sign(node: torch.fx.Node, modules: dict) -> bool:

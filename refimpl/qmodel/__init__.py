@@ -5,6 +5,8 @@ White paper (Nagel et al. 2021, arXiv 2106.08295) §2.3 "Quantization simulation
 (QAT): quantizers with learnable parameters. The package, by job:
 
 * ``config``: :class:`QuantConfig`, how a model is quantized;
+* ``backends``: :class:`Backend`, a deployment target's rules as data (MQBench's table:
+  ``get_backend``, ``backend_names``, ``register_backend``);
 * ``observers``: :class:`Observer`, statistics for activation ranges;
 * ``quantizers``: :class:`WeightQuantizer`, :class:`ActQuantizer` and the registry of quantizer
   kinds (``register_kind``, ``quantizer_kinds``): "fixed", "ste", "lsq", and each new kind;
@@ -30,7 +32,8 @@ Activation quantizers have three states: ``"observe"`` (pass through, record sta
 """
 
 from ..quant import ste_fake_quant
-from .config import ACT_RANGES, WEIGHT_RANGES, QuantConfig
+from .backends import BACKENDS, Backend, backend_names, get_backend, register_backend
+from .config import ACT_RANGES, INSERTION_PATTERNS, WEIGHT_RANGES, QuantConfig
 from .control import (act_quantizers, calibrate, freeze, merge_bn, quant_layers, set_kind_options, set_quant_state,
                       set_trainable, weight_quantizers)
 from .insertion import first_last_bits, input_sites, quantize_model
@@ -40,7 +43,8 @@ from .quantizers import (ACT_STATES, ActQuantizer, Quantizer, QuantizerKind, Wei
                          quantizer_kinds, register_kind, unregister_kind)
 
 __all__ = [
-    "QuantConfig", "WEIGHT_RANGES", "ACT_RANGES", "Observer", "KEPT_SAMPLES", "tensor_range",
+    "QuantConfig", "WEIGHT_RANGES", "ACT_RANGES", "INSERTION_PATTERNS", "Backend", "BACKENDS", "get_backend",
+    "backend_names", "register_backend", "Observer", "KEPT_SAMPLES", "tensor_range",
     "QuantizerKind", "register_kind", "unregister_kind", "quantizer_kinds", "get_kind", "Quantizer", "WeightQuantizer",
     "ActQuantizer", "ACT_STATES", "QuantLayer", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear",
     "QUANT_CLASSES", "quantize_model", "input_sites", "first_last_bits", "calibrate", "set_quant_state",

@@ -11,11 +11,17 @@ from ..quant import QuantSpec
 from .observers import KEPT_SAMPLES
 from .quantizers import quantizer_kinds
 
-__all__ = ["QuantConfig", "WEIGHT_RANGES", "ACT_RANGES"]
+__all__ = ["QuantConfig", "WEIGHT_RANGES", "ACT_RANGES", "INSERTION_PATTERNS"]
 
 # the range methods offered for weights (set from the weight tensor itself) and activations
 WEIGHT_RANGES = ("minmax", "mse")
 ACT_RANGES = tuple(KEPT_SAMPLES)
+# MQBench's quantizer-insertion patterns (the "Graph" column of its backend table, Li et al. 2021)
+INSERTION_PATTERNS = {
+    1: "inputs of quantized Conv/Linear layers (academic)",
+    2: "also inputs of residual additions and pooling (TensorRT)",
+    3: "every tensor that leaves an operator (whole graph in integers)",
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,19 @@ class QuantConfig:
         site_act_bits:      {activation site name: bits} overriding ``act_bits`` at those sites
                             (site names as listed by ``act_quantizers``: "input", a layer's name, ...).
         seed:               seed of the activation subsampling.
+        pot_scale:          every scale is a power of two (weights and activations; TVM's rule in
+                            MQBench's backend table, ``refimpl.quant.pot_scale``).
+        act_adaptive_sign:  True: a site whose tensor is non-negative by construction (a ReLU
+                            output) gets the unsigned grid [0, 2^b - 1] (MQBench's "adaptive
+                            signness", academic setting only); False: every site is signed, as the
+                            hardware backends of MQBench's table quantize (a symmetric signed grid
+                            then spends half its codes on negative values a ReLU never produces).
+        insertion:          where activation quantizers sit, MQBench's three patterns
+                            (``INSERTION_PATTERNS``): 1 = the inputs of quantized Conv/Linear layers
+                            only (academic); 2 = also the inputs of residual additions and pooling
+                            (TensorRT); 3 = every tensor an operator produces that leaves the grid
+                            (the white paper's Fig. 4: layer outputs after a fused ReLU, additions,
+                            average pooling, the model input), so the whole graph runs in integers.
         weight_quantizer, act_quantizer: the quantizer kind of the weights and of the activations,
                             a name in ``refimpl.qmodel.quantizer_kinds()`` ("fixed": the grid set by the
                             range method; "ste", "lsq": learned during QAT, see ``set_trainable``;
@@ -71,12 +90,16 @@ class QuantConfig:
     seed: int = 0
     weight_quantizer: str = "fixed"
     act_quantizer: str = "fixed"
+    pot_scale: bool = False
+    act_adaptive_sign: bool = True
+    insertion: int = 3
 
     def __post_init__(self):
         check_int(self.weight_bits, "weight_bits", 1, 16)
         if self.act_bits is not None:
             check_int(self.act_bits, "act_bits", 1, 16)
-        for name in ("weight_per_channel", "weight_symmetric", "weight_narrow_range", "act_symmetric"):
+        for name in ("weight_per_channel", "weight_symmetric", "weight_narrow_range", "act_symmetric", "pot_scale",
+                     "act_adaptive_sign"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_choice(self.weight_range_method, "weight_range_method", WEIGHT_RANGES)
@@ -94,20 +117,25 @@ class QuantConfig:
             raise ValueError("site_act_bits needs activation quantizers: act_bits is None")
         check_choice(self.weight_quantizer, "weight_quantizer", quantizer_kinds())
         check_choice(self.act_quantizer, "act_quantizer", quantizer_kinds())
+        if isinstance(self.insertion, bool) or self.insertion not in INSERTION_PATTERNS:
+            raise ValueError(f"insertion must be one of MQBench's patterns {tuple(INSERTION_PATTERNS)} "
+                             f"({'; '.join(f'{k}: {v}' for k, v in INSERTION_PATTERNS.items())}), got {self.insertion!r}")
 
     def weight_spec(self, layer: str | None = None) -> QuantSpec:
         """The weight grid of ``layer`` (axis 0 = output channel when per-channel)."""
         bits = dict(self.layer_weight_bits).get(layer, self.weight_bits)
         return QuantSpec(bits, signed=True, symmetric=self.weight_symmetric,
-                         narrow_range=self.weight_narrow_range, axis=0 if self.weight_per_channel else None)
+                         narrow_range=self.weight_narrow_range, axis=0 if self.weight_per_channel else None,
+                         pot_scale=self.pot_scale)
 
     def act_spec(self, signed: bool, site: str | None = None) -> QuantSpec:
-        """The activation grid of a site: signed sites follow act_symmetric; unsigned are affine
-        [0, 2^b - 1] (zero_point 0 for a non-negative tensor)."""
+        """The activation grid of a site: signed sites (and every site without
+        ``act_adaptive_sign``) follow act_symmetric; unsigned are affine [0, 2^b - 1] (zero_point 0
+        for a non-negative tensor)."""
         bits = dict(self.site_act_bits).get(site, self.act_bits)
-        if signed:
-            return QuantSpec(bits, signed=True, symmetric=self.act_symmetric)
-        return QuantSpec(bits, signed=False, symmetric=False)
+        if signed or not self.act_adaptive_sign:
+            return QuantSpec(bits, signed=True, symmetric=self.act_symmetric, pot_scale=self.pot_scale)
+        return QuantSpec(bits, signed=False, symmetric=False, pot_scale=self.pot_scale)
 
 
 def _bits_pairs(value, name: str) -> tuple:

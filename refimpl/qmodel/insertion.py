@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
-from ..graph import bn_after, device_of, fused_relu, is_add, is_avg_pool, is_relu, keeps_sign, trace
+from ..graph import bn_after, device_of, fused_relu, is_add, is_avg_pool, is_pool, is_relu, keeps_sign, passes_values, trace
 from .config import QuantConfig
 from .control import act_quantizers, quant_layers
 from .layers import QUANT_CLASSES
@@ -48,7 +48,14 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn:
       Max pooling, flatten/reshape/view, dropout, identity and every other op pass through
       unquantized: their inputs carry the quantizers of their producers. A site whose tensor is
       non-negative by construction (a ReLU output, an add or average of such tensors) gets an
-      unsigned grid; other sites a signed one.
+      unsigned grid (unless ``config.act_adaptive_sign`` is False); other sites a signed one.
+
+      That is ``config.insertion=3``, MQBench's third pattern (the whole graph in integers). The
+      other two put one quantizer on each tensor that a quantized layer reads (pattern 1,
+      academic: "only the input and the weight of a convolutional or linear layer") or that a
+      quantized layer, a residual addition or a pooling op reads (pattern 2, TensorRT); the site
+      is named after the node producing the tensor ("input", "blocks.0.relu2", "flatten"), and
+      other readers of that tensor (a residual branch under pattern 1) keep the float value.
 
     keep_bn: keep each BatchNorm that directly follows a quantized layer (its only user) as a
     float BN after the quantized weights, the layer's output site moving after the BN (and its
@@ -110,18 +117,10 @@ def _quantized_layers(gm, modules, config: QuantConfig, bns: list) -> list[str]:
     return quantized
 
 
-def _activation_sites(graph, modules, quantized: set, config: QuantConfig):
-    """[(anchor node, site name, signed)] in graph order: where activation quantizers go."""
+def _nonnegative(graph, modules) -> set:
+    """The nodes whose tensor is non-negative by construction: ReLU outputs, adds of two such
+    tensors, and pooling/reshapes of one."""
     nonneg: set = set()
-    sites = []            # (anchor node, site name)
-    taken = set()
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-
-    def add_site(anchor, name):
-        if anchor not in taken:
-            taken.add(anchor)
-            sites.append((anchor, name))
-
     for node in graph.nodes:
         if is_relu(node, modules):
             nonneg.add(node)
@@ -130,6 +129,20 @@ def _activation_sites(graph, modules, quantized: set, config: QuantConfig):
                 nonneg.add(node)
         elif keeps_sign(node, modules) and node.args and node.args[0] in nonneg:
             nonneg.add(node)
+    return nonneg
+
+
+def _output_sites(graph, modules, quantized: set, config: QuantConfig) -> list:
+    """[(anchor node, site name)] of insertion pattern 3: every tensor that leaves the grid."""
+    sites, taken = [], set()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+
+    def add_site(anchor, name):
+        if anchor not in taken:
+            taken.add(anchor)
+            sites.append((anchor, name))
+
+    for node in graph.nodes:
         if node.op == "placeholder":
             readers = [u for u in node.users if not (u.op == "call_module" and u.target in config.keep_fp)]
             if readers:
@@ -146,29 +159,71 @@ def _activation_sites(graph, modules, quantized: set, config: QuantConfig):
                 add_site(node, node.name)
         elif is_avg_pool(node, modules):
             add_site(node, node.target if node.op == "call_module" else node.name)
+    return sites
 
+
+def _input_sites(graph, modules, quantized: set, pattern: int) -> tuple[list, dict]:
+    """Insertion patterns 1 and 2: ([(anchor node, site name)], {anchor: [reading nodes]}); one
+    quantizer per tensor, read by the quantized layers (and, pattern 2, additions and pooling)
+    that consume it; other readers keep the float tensor."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    readers: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in quantized:
+            inputs = [node.args[0]]
+        elif pattern == 2 and (is_add(node) or is_pool(node, modules)):
+            inputs = node.all_input_nodes
+        else:
+            continue
+        for a in inputs:
+            if not isinstance(a, torch.fx.Node) or a.op == "get_attr":
+                continue
+            reader = node
+            # an identity shortcut or a flatten carries its producer's tensor: quantize that one
+            while passes_values(a, modules) and len(a.users) == 1 and isinstance(a.args[0], torch.fx.Node):
+                reader, a = a, a.args[0]
+            if reader not in readers.get(a, []):
+                readers.setdefault(a, []).append(reader)
+    sites = []
+    for anchor in readers:
+        if anchor.op == "placeholder":
+            name = "input" if len(placeholders) == 1 else f"input_{anchor.name}"
+        else:
+            name = anchor.target if anchor.op == "call_module" else anchor.name
+        sites.append((anchor, name))
+    return sites, readers
+
+
+def _activation_sites(graph, modules, quantized: set, config: QuantConfig):
+    """[(anchor node, site name, signed, readers)] in graph order: where activation quantizers go
+    (``config.insertion``); readers None = every user of the anchor reads the quantized tensor."""
+    nonneg = _nonnegative(graph, modules)
+    if config.insertion == 3:
+        sites, readers = _output_sites(graph, modules, quantized, config), {}
+    else:
+        sites, readers = _input_sites(graph, modules, quantized, config.insertion)
     # graph order, so that act_quantizers() lists sites topologically
     order = {n: i for i, n in enumerate(graph.nodes)}
     sites.sort(key=lambda s: order[s[0]])
-    return [(anchor, name, anchor not in nonneg) for anchor, name in sites]
+    return [(anchor, name, anchor not in nonneg, readers.get(anchor)) for anchor, name in sites]
 
 
 def _insert_act_quantizers(gm, modules, quantized: set, config: QuantConfig) -> None:
     graph = gm.graph
     sites = _activation_sites(graph, modules, quantized, config)
-    unknown = [n for n, _ in config.site_act_bits if n not in {name for _, name, _ in sites}]
+    unknown = [n for n, _ in config.site_act_bits if n not in {name for _, name, _, _ in sites}]
     if unknown:
         raise ValueError(f"site_act_bits names {unknown} are not activation sites of the model; "
-                         f"sites: {[name for _, name, _ in sites]}")
+                         f"sites: {[name for _, name, _, _ in sites]}")
     gm.add_module("act_quant", nn.ModuleDict())
     device = device_of(gm)
-    for anchor, name, signed in sites:
+    for anchor, name, signed, readers in sites:
         key = name.replace(".", "_")
         gm.act_quant[key] = ActQuantizer(config.act_spec(signed, name), name, config.act_range_method,
                                          config.act_percentile, config.act_samples, config.seed,
                                          fixed_zero_point=config.act_symmetric, kind=config.act_quantizer,
                                          device=device)
-        users = list(anchor.users)
+        users = list(anchor.users) if readers is None else readers
         with graph.inserting_after(anchor):
             qnode = graph.call_module(f"act_quant.{key}", (anchor,))
         for u in users:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .._checks import check_choice
-from ..quant import (QuantSpec, apot_quant, fake_quant, lsq_fake_quant, lsq_grad_scale, pot_quant, qparams,
+from ..quant import (QuantSpec, apot_quant, fake_quant, lsq_fake_quant, lsq_grad_scale, pot_quant, pot_scale, qparams,
                      ste_fake_quant, weight_norm)
 from ..quant.adaround import soft_rounded_weight
 from ..quant.dsq import dsq, dsq_hard, dsq_ste
@@ -85,6 +85,10 @@ class QuantizerKind:
     * ``affine``: True when the (evaluation-mode) grid is affine, so that a trained quantizer
       freezes to "fixed" without changing its levels (``refimpl.qmodel.freeze``); False for a
       non-uniform grid, which stays in its own kind;
+    * ``uniform``: True when the evaluation-mode grid is uniform (integer codes times one scale
+      per tensor or channel, whatever units the kind normalises to), so integer hardware can run
+      it; False for PoT, APoT and PWLQ, which only MQBench's academic backend accepts
+      (``refimpl.qmodel.get_backend``);
     * ``options(q)``: {name: default} of the kind's plain settings (e.g. APoT's ``rcf``), set as
       attributes of ``q`` when it switches to the kind and changed with ``q.set_option``;
       ``option_changed(q, name)`` is called after a change (by default: nothing).
@@ -94,6 +98,7 @@ class QuantizerKind:
     requires_range = True
     trainable = False
     affine = True
+    uniform = True
 
     def options(self, q: "Quantizer") -> dict:
         return {}
@@ -194,25 +199,54 @@ class STE(QuantizerKind):
 
 @register_kind
 class LSQ(QuantizerKind):
-    """Learned step size (Esser et al. 2020, eq. 3; gradient scale 1/sqrt(N Q_P), §2.2)."""
+    """Learned step size (Esser et al. 2020, eq. 3; gradient scale 1/sqrt(N Q_P), §2.2).
+
+    Option ``learn_zero_point`` (default False): on an asymmetric grid the zero point is learned
+    too, with the white paper's STE gradient (§4.1) times the same gradient scale: LSQ+'s
+    learnable offset (Bhalgat et al. 2020) in the form MQBench runs it ("the zero-point is
+    learnable in the asymmetric case"; rounded to an integer in the forward pass).
+    """
 
     name = "lsq"
     requires_range = False
     trainable = True
 
+    def options(self, q):
+        return {"learn_zero_point": False}
+
+    def option_changed(self, q, name):
+        # the zero point becomes (or stops being) a Parameter
+        self.sync_zero_point(q)
+
+    @staticmethod
+    def _learns_zero_point(q) -> bool:
+        return bool(getattr(q, "learn_zero_point", False)) and not q.spec.symmetric and not q.fixed_zero_point
+
     def learnable(self, q):
-        return ("scale",)
+        return ("scale", "zero_point") if self._learns_zero_point(q) else ("scale",)
+
+    def sync_zero_point(self, q):
+        """Make ``q.zero_point`` a Parameter exactly when the kind learns it."""
+        zp = q.zero_point.detach().clone()
+        q._parameters.pop("zero_point", None)
+        q._buffers.pop("zero_point", None)
+        if self._learns_zero_point(q):
+            q.zero_point = nn.Parameter(zp)
+        else:
+            q.register_buffer("zero_point", zp)
 
     def update(self, q):
         # LSQ proper (refimpl.quant.lsq_fake_quant) has no zero point: used when it is 0
-        q.use_lsq = bool((q.zero_point == 0).all())
+        q.use_lsq = bool((q.zero_point == 0).all()) and not self._learns_zero_point(q)
 
     def forward(self, q, x, elements):
         g = lsq_grad_scale(max(1, elements), q.spec)
-        if q.use_lsq:
+        if q.use_lsq and not self._learns_zero_point(q):
             return lsq_fake_quant(x, q.scale, q.spec, grad_scale=g)
-        # asymmetric grid: LSQ's step-size gradient, zero point fixed
-        return ste_fake_quant(x, q.scale, q.zero_point.detach(), q.spec, grad_scale=g)
+        # asymmetric grid: LSQ's step-size gradient; the zero point fixed, or learned with the
+        # same gradient scale (option learn_zero_point: LSQ+'s learnable offset as MQBench runs it)
+        zp = q.zero_point if self._learns_zero_point(q) else q.zero_point.detach()
+        return ste_fake_quant(x, q.scale, zp, q.spec, grad_scale=g)
 
 
 def _uniform_max_abs(x: torch.Tensor, bits: int, axis) -> torch.Tensor:
@@ -243,6 +277,7 @@ class PWLQ(QuantizerKind):
     name = "pwlq"
     requires_range = False
     affine = False
+    uniform = False
 
     def init(self, q):
         if not isinstance(q, WeightQuantizer):
@@ -388,6 +423,7 @@ class _ClippedGrid(QuantizerKind):
     requires_range = True
     trainable = True
     affine = False
+    uniform = False
     wn_alpha_init = 3.0
 
     def learnable(self, q):
@@ -579,8 +615,12 @@ class Quantizer(nn.Module):
         return self.kind_impl.forward(self, x, elements)
 
     def export(self) -> dict:
-        """The affine grid a runtime executes: {"scale", "zero_point"} (the kind's ``export``)."""
-        return self.kind_impl.export(self)
+        """The affine grid a runtime executes: {"scale", "zero_point"} (the kind's ``export``); a
+        ``spec.pot_scale`` grid's scale as the power of two the forward pass uses."""
+        grid = self.kind_impl.export(self)
+        if self.spec.pot_scale and "scale" in grid:
+            grid["scale"] = pot_scale(grid["scale"].detach().float()).detach()
+        return grid
 
 
 class WeightQuantizer(Quantizer):

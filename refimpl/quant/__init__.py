@@ -12,6 +12,7 @@ from .functional import (
     in_grid,
     lsq_fake_quant,
     lsq_grad_scale,
+    pot_scale,
     qparams,
     quantize,
     round_to_int,
@@ -37,6 +38,6 @@ __all__ = [
     "log_levels", "log_quant", "bitshift_dot", "pot_levels", "pot_quant", "apot_levels", "apot_quant", "apot_terms", "apot_weight_terms", "apot_alpha_search", "weight_norm",
     "pwlq", "pwlq_breakpoint", "pwlq_bias_correction", "pwlq_decompose", "PWLQDecomposition",
     "PWLQ_SCHEMES", "PWLQ_BREAKPOINT_METHODS",
-    "lsq_fake_quant", "lsq_grad_scale", "ROUNDING_MODES", "ste_fake_quant", "ste_derivatives",
+    "lsq_fake_quant", "lsq_grad_scale", "pot_scale", "ROUNDING_MODES", "ste_fake_quant", "ste_derivatives",
     "dsq", "dsq_hard", "dsq_phi", "dsq_ste",
 ]

@@ -22,11 +22,54 @@ from .spec import QuantSpec
 
 __all__ = [
     "ROUNDING_MODES", "qparams", "round_to_int", "broadcast_qparams", "quantize",
-    "dequantize", "in_grid", "fake_quant", "lsq_grad_scale", "lsq_fake_quant",
+    "dequantize", "in_grid", "fake_quant", "lsq_grad_scale", "lsq_fake_quant", "pot_scale",
 ]
 
 ROUNDING_MODES = ("half_even", "half_away", "floor", "stochastic")
 FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+# --------------------------------------------------------------------------------------------
+# Power-of-two scales
+# --------------------------------------------------------------------------------------------
+# 2^(-1/2): a mantissa m in [0.5, 1) rounds log2(m) up to 0 when m >= 2^(-1/2)
+_HALF_OCTAVE = 2.0 ** -0.5
+
+
+class _PotScale(torch.autograd.Function):
+    """s -> 2^round(log2 s), exactly a power of two; gradient p / s (MQBench's STE through log2)."""
+
+    @staticmethod
+    def forward(ctx, s):
+        m, e = torch.frexp(s)
+        p = torch.ldexp(torch.ones_like(s), e - (m < _HALF_OCTAVE).to(e.dtype))
+        ctx.save_for_backward(s, p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g):
+        s, p = ctx.saved_tensors
+        return g * p / s
+
+
+def pot_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The nearest power of two of a positive scale, 2^round(log2 s), with a straight-through
+    gradient in log2 s (d/ds = 2^round(log2 s) / s).
+
+    MQBench's power-of-two scale (Li et al. 2021, TVM's backend: "represent the scale as
+    power-of-two"; its released ``pot_quantization`` rounds log2 s with the STE). log2 s is
+    rounded exactly, from the float's exponent and mantissa (frexp), not through a
+    transcendental function, so the result is the same on every CPU; ties cannot occur
+    (2^(-1/2) is irrational). Applied by every function here whose ``QuantSpec`` has
+    ``pot_scale=True``.
+
+    scale: floating tensor, finite and > 0, any shape. Returns scale's shape and dtype.
+    """
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        raise TypeError("scale must be a floating torch.Tensor")
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError("scale must be finite and > 0 everywhere")
+    return _PotScale.apply(scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +104,9 @@ def qparams(xmin, xmax, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
       symmetric:  scale = max(-xmin, xmax) / ((qmax - qmin) / 2),  zero_point = spec.symmetric_zero_point
       asymmetric: scale = (xmax - xmin) / (qmax - qmin),           zero_point = qmin - round(xmin / scale)
 
-    with scale floored at float32 eps (so an all-zero range gives a valid quantizer).
+    with scale floored at float32 eps (so an all-zero range gives a valid quantizer). A
+    ``spec.pot_scale`` grid takes the nearest power of two of that scale (``pot_scale``), and the
+    asymmetric zero_point is computed with it.
 
     xmin, xmax: floats or float tensors, 0-d for ``spec.axis is None``, 1-d (one per channel) otherwise.
     Returns scale (float32) and zero_point (int32), both 0-d or both 1-d, on xmin's device.
@@ -90,10 +135,14 @@ def qparams(xmin, xmax, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     if spec.symmetric:
         scale = torch.maximum(-lo, hi) / (float(spec.qmax - spec.qmin) / 2)
         scale = torch.clamp(scale, min=FLOAT32_EPS)
+        if spec.pot_scale:
+            scale = pot_scale(scale)
         zero_point = torch.full_like(scale, spec.symmetric_zero_point, dtype=torch.int32)
     else:
         scale = (hi - lo) / float(spec.qmax - spec.qmin)
         scale = torch.clamp(scale, min=FLOAT32_EPS)
+        if spec.pot_scale:
+            scale = pot_scale(scale)
         zero_point = spec.qmin - torch.round(lo / scale).to(torch.int32)
         zero_point = torch.clamp(zero_point, spec.qmin, spec.qmax)
     return scale, zero_point
@@ -163,7 +212,8 @@ def broadcast_qparams(x: torch.Tensor, scale, zero_point, spec: QuantSpec, dtype
     them in (float32: as PyTorch's fake-quant kernels, which take a float32 scale; float64).
     Returns (scale, zero_point, axis): scale and zero_point (integral values) in ``dtype`` on x's
     device, 0-d per tensor or of shape [1, ..., C, ..., 1] per channel; axis the non-negative
-    channel axis, or None per tensor.
+    channel axis, or None per tensor. A ``spec.pot_scale`` grid's scale is rounded to the nearest
+    power of two here (``pot_scale``): quantize, dequantize and fake_quant all come through here.
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -173,6 +223,8 @@ def broadcast_qparams(x: torch.Tensor, scale, zero_point, spec: QuantSpec, dtype
     z = _qparam_tensor(zero_point, "zero_point", x.device, dtype)
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise ValueError("scale must be finite and > 0 everywhere")
+    if spec.pot_scale:
+        s = pot_scale(s)
     if not bool(torch.isfinite(z).all()):
         raise ValueError("zero_point contains NaN or Inf")
     if not bool((z == torch.round(z)).all()):
@@ -444,7 +496,8 @@ def lsq_fake_quant(x: torch.Tensor, step_size: torch.Tensor, spec: QuantSpec, gr
     (also times ``grad_scale``).
 
     x: floating tensor.  step_size (and offset): float tensors, 0-d for per-tensor, 1-d with one
-    value per channel along ``spec.axis``. Returns x's shape and dtype.
+    value per channel along ``spec.axis``. A ``spec.pot_scale`` grid uses ``pot_scale(step_size)``
+    (its gradient times 2^round(log2 s)/s). Returns x's shape and dtype.
     """
     check_float_tensor(x, "x")
     if not isinstance(spec, QuantSpec):
@@ -469,4 +522,6 @@ def lsq_fake_quant(x: torch.Tensor, step_size: torch.Tensor, spec: QuantSpec, gr
             raise ValueError(f"{name} must hold {want} value(s) for spec.axis={spec.axis}, got shape {tuple(t.shape)}")
     if offset is not None and not bool(torch.isfinite(offset).all()):
         raise ValueError("offset contains NaN or Inf")
+    if spec.pot_scale:
+        step_size = pot_scale(step_size)
     return _LSQ.apply(x, step_size, offset, spec, float(grad_scale), axis)

@@ -27,6 +27,9 @@ class QuantSpec:
                        ([-127, 127] at 8 bits); an unsigned grid starts at 1.
         axis:          None for one (scale, zero_point) per tensor; an int for one per slice along
                        that dimension (per-channel).
+        pot_scale:     the scale is a power of two (TVM's constraint, MQBench's "POT" scale form,
+                       Li et al. 2021): every function of refimpl.quant that takes this spec uses
+                       the nearest power of two of the scale it is given (``pot_scale``).
 
     Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-the-affine-map`,
     :ref:`ch3-sec-why-the-range-matters-clipping`,
@@ -38,10 +41,11 @@ class QuantSpec:
     symmetric: bool = True
     narrow_range: bool = False
     axis: int | None = None
+    pot_scale: bool = False
 
     def __post_init__(self):
         check_int(self.bits, "bits", 1, MAX_BITS)
-        for name in ("signed", "symmetric", "narrow_range"):
+        for name in ("signed", "symmetric", "narrow_range", "pot_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.axis is not None:
@@ -87,15 +91,16 @@ class QuantSpec:
 
     def per_channel(self, axis: int) -> "QuantSpec":
         """The same grid with one (scale, zero_point) per slice along ``axis``."""
-        return QuantSpec(self.bits, self.signed, self.symmetric, self.narrow_range, axis)
+        return QuantSpec(self.bits, self.signed, self.symmetric, self.narrow_range, axis, self.pot_scale)
 
     def per_tensor(self) -> "QuantSpec":
         """The same grid with a single (scale, zero_point)."""
-        return QuantSpec(self.bits, self.signed, self.symmetric, self.narrow_range, None)
+        return QuantSpec(self.bits, self.signed, self.symmetric, self.narrow_range, None, self.pot_scale)
 
     def __str__(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         sign = "int" if self.signed else "uint"
         gran = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
         narrow = ", narrow" if self.narrow_range else ""
-        return f"{sign}{self.bits} {kind} {gran}{narrow} [{self.qmin}, {self.qmax}]"
+        pot = ", pot-scale" if self.pot_scale else ""
+        return f"{sign}{self.bits} {kind} {gran}{narrow}{pot} [{self.qmin}, {self.qmax}]"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_float_tensor, check_positive, normalize_axis
+from .functional import pot_scale
 from .spec import QuantSpec
 
 __all__ = ["ste_derivatives", "ste_fake_quant"]
@@ -130,8 +131,8 @@ def ste_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     x: float16/bfloat16/float32/float64 tensor, any shape (computed in float64 for float64,
     else float32). scale (> 0) and zero_point: real tensors, one value (per-tensor:
     spec.axis None) or x.shape[spec.axis] values (per channel). The scale is not checked for
-    positivity here: the caller that learns it keeps it > 0 (``refimpl.qat`` clamps it).
-    Returns x_hat with x's shape and dtype.
+    positivity here: the caller that learns it keeps it > 0 (``refimpl.qat`` clamps it). A
+    ``spec.pot_scale`` grid uses ``pot_scale(scale)`` (straight through log2 s). Returns x_hat with x's shape and dtype.
     """
     check_float_tensor(x, "x")
     if not isinstance(spec, QuantSpec):
@@ -146,4 +147,6 @@ def ste_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
             raise ValueError(f"{name} must hold {count} value(s) for spec.axis={spec.axis}, "
                              f"got shape {tuple(t.shape)}")
     grad_scale = check_positive(grad_scale, "grad_scale")
+    if spec.pot_scale:
+        scale = pot_scale(scale.to(torch.float32) if not scale.is_floating_point() else scale)
     return _AffineSTE.apply(x, scale, zero_point, float(spec.qmin), float(spec.qmax), axis, grad_scale)

@@ -12,9 +12,13 @@ straight-through estimator, STE), ยง4.2 "Batch normalization folding and QAT", ย
   compares them with autograd and finite differences (the chapter's table).
 * :func:`qat_pipeline` (``refimpl.qat.pipeline``) -- fold BN, quantize, PTQ-initialise the
   ranges, learn weights and quantization parameters with Adam.
+* :func:`mqbench_qat` (``refimpl.qat.mqbench``) -- one QAT algorithm under one hardware
+  backend's rules (MQBench, Li et al. 2021), the cell of its benchmark table.
 """
 
+from .mqbench import MQBENCH_ALGORITHMS, Algorithm, mqbench_qat
 from .pipeline import BN_MODES, qat_kinds, qat_pipeline
 from .ste import REGIONS, gradient_check, ste_gradients
 
-__all__ = ["ste_gradients", "gradient_check", "qat_pipeline", "qat_kinds", "BN_MODES"]
+__all__ = ["ste_gradients", "gradient_check", "qat_pipeline", "qat_kinds", "BN_MODES", "mqbench_qat",
+           "MQBENCH_ALGORITHMS", "Algorithm"]

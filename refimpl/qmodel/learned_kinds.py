@@ -116,7 +116,7 @@ class PACT(QuantizerKind):
             with torch.no_grad():
                 q.alpha.copy_(q.alpha.abs().clamp(min=_EPS))
                 if beta is not None:
-                    beta.clamp_(max=float(q.alpha) * (1 - _EPS))
+                    beta.clamp_(max=float(q.alpha.detach()) * (1 - _EPS))
         return pact_quant(x, q.alpha, q.spec, beta)
 
     def export(self, q):
@@ -227,8 +227,12 @@ class QIL(QuantizerKind):
     def _top(q) -> torch.Tensor:
         """The largest magnitude of the calibrated range (scale, zero_point), over channels."""
         s, z = q.scale.detach().float(), q.zero_point.detach().float()
-        lo, hi = s * (q.spec.qmin - z), s * (q.spec.qmax - z)
-        return torch.maximum(lo.abs(), hi.abs()).max().clamp(min=_EPS)
+        if q.spec.symmetric:
+            # refimpl.quant.qparams inverted: scale = max|x| / ((qmax - qmin) / 2)
+            top = s * ((q.spec.qmax - q.spec.qmin) / 2)
+        else:
+            top = torch.maximum((s * (q.spec.qmin - z)).abs(), (s * (q.spec.qmax - z)).abs())
+        return top.max().clamp(min=_EPS)
 
     def update(self, q):
         with torch.no_grad():

@@ -13,8 +13,8 @@ from torch import nn
 from refimpl.qat import qat_pipeline
 from refimpl.qmodel import (QuantConfig, act_quantizers, calibrate, freeze, get_kind, quantize_model, set_kind_options,
                             set_trainable, unregister_kind, weight_quantizers)
-from refimpl.quant import (QuantSpec, dorefa_act, dorefa_normalize, dorefa_weight, lsq_grad_scale, pact_quant, pact_range,
-                           qil_act, qil_transform, qil_weight)
+from refimpl.quant import (QuantSpec, dorefa_act, dorefa_normalize, dorefa_weight, lsq_grad_scale, pact_quant,
+                           pact_range, qil_act, qil_transform, qil_weight)
 from refimpl.train import train_fp32
 
 F64 = torch.float64
@@ -447,7 +447,8 @@ def test_qil_kind_init_projection_and_gamma_option():
     wq = q.get_submodule("0").weight_quantizer
     w = q.get_submodule("0").weight
     m = float(w.detach().abs().max())
-    assert float(wq.center.detach()) == pytest.approx(m / 2, rel=1e-6) and float(wq.distance.detach()) == pytest.approx(m / 2, rel=1e-6)
+    assert float(wq.center.detach()) == pytest.approx(m / 2, rel=1e-6)
+    assert float(wq.distance.detach()) == pytest.approx(m / 2, rel=1e-6)
     assert wq.learn_gamma is False and not wq.gamma.requires_grad and float(wq.gamma.detach()) == 1.0
     with pytest.raises(TypeError, match="learn_gamma"):
         wq.set_option("learn_gamma", 1)

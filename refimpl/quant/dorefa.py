@@ -111,7 +111,8 @@ def dorefa_act(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     the rounding straight-through). x: floating tensor, any shape; spec: a per-tensor QuantSpec.
     Returns x's shape and dtype.
 
-    >>> [round(v, 4) for v in dorefa_act(torch.tensor([-0.5, 0.4, 2.0]), QuantSpec(2, signed=False, symmetric=False)).tolist()]
+    >>> y = dorefa_act(torch.tensor([-0.5, 0.4, 2.0]), QuantSpec(2, signed=False, symmetric=False))
+    >>> [round(v, 4) for v in y.tolist()]
     [0.0, 0.3333, 1.0]
     """
     check_float_tensor(x, "x")

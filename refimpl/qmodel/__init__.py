@@ -9,7 +9,10 @@ White paper (Nagel et al. 2021, arXiv 2106.08295) §2.3 "Quantization simulation
   ``get_backend``, ``backend_names``, ``register_backend``);
 * ``observers``: :class:`Observer`, statistics for activation ranges;
 * ``quantizers``: :class:`WeightQuantizer`, :class:`ActQuantizer` and the registry of quantizer
-  kinds (``register_kind``, ``quantizer_kinds``): "fixed", "ste", "lsq", and each new kind;
+  kinds (``register_kind``, ``quantizer_kinds``): "fixed", "ste", "lsq", "pwlq", "dsq", "pot",
+  "apot", and each new kind;
+* ``learned_kinds``: the kinds "pact", "dorefa" and "qil" (MQBench's QAT algorithms), registered
+  on import;
 * ``layers``: ``QuantConv1d/2d/3d``, ``QuantLinear``;
 * ``insertion``: :func:`quantize_model` (where quantizers sit), :func:`first_last_bits`,
   :func:`input_sites`;
@@ -41,6 +44,7 @@ from .layers import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantConv3d, QuantL
 from .observers import KEPT_SAMPLES, Observer, tensor_range
 from .quantizers import (ACT_STATES, ActQuantizer, Quantizer, QuantizerKind, WeightQuantizer, get_kind,
                          quantizer_kinds, register_kind, unregister_kind)
+from . import learned_kinds  # noqa: F401  (registers "pact", "dorefa", "qil")
 
 __all__ = [
     "QuantConfig", "WEIGHT_RANGES", "ACT_RANGES", "INSERTION_PATTERNS", "Backend", "BACKENDS", "get_backend",

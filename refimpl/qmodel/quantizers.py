@@ -20,8 +20,11 @@ one activation site) holds the grid (``spec``), the quantization parameters ``sc
 * ``"pot"``, ``"apot"``: power-of-two and additive powers-of-two grids (Li et al. 2020;
   ``refimpl.quant.pot_quant``, ``apot_quant``) with a learned clipping threshold ``alpha`` and the
   reparameterised clipping gradient; optional weight normalisation; not exportable.
+* ``"pact"``, ``"dorefa"``, ``"qil"``: PACT (Choi et al. 2018), DoReFa (Zhou et al. 2016) and QIL
+  (Jung et al. 2019) as MQBench ran them (``refimpl.quant.pact_quant``, ``dorefa_weight``,
+  ``dorefa_act``, ``qil_weight``, ``qil_act``), defined in ``refimpl.qmodel.learned_kinds``.
 
-A new kind (DSQ, PACT, DoReFa, QIL, ...) is a subclass of
+A new kind is a subclass of
 :class:`QuantizerKind` declaring which tensors it learns, its forward, how it initialises from
 the calibrated (scale, zero_point) and what it exports, registered with one line,
 ``@register_kind``. ``QuantConfig(weight_quantizer=..., act_quantizer=...)`` and
@@ -31,10 +34,12 @@ as a worked example.
 Switches that must survive ``state_dict`` and replication (``enabled``, the activation state,
 ``calibrated``, AdaRound's ``rounding``) are buffers.
 
-Why one module: the built-in kinds are registered here, before the set of built-in names
-(which ``unregister_kind`` refuses) is frozen, and each kind is a few dozen lines written against
-the quantizer module it drives; a separate module of kinds would have to be imported back by this
-one to be registered, a cycle between two halves of one registry.
+Why one module: the registry, the quantizer modules and the first kinds are written against each
+other (each kind is a few dozen lines driving the quantizer module it is given), so they are kept
+together. Kinds can also live elsewhere: ``refimpl.qmodel.learned_kinds`` (PACT, DoReFa, QIL)
+registers its kinds through the public ``register_kind`` like any user module, and is imported
+by ``refimpl.qmodel``. A kind whose class is defined inside the ``refimpl`` package is built in,
+wherever it is registered from: ``unregister_kind`` refuses to remove it.
 """
 
 from __future__ import annotations
@@ -146,11 +151,17 @@ def register_kind(cls: type) -> type:
 
 
 def unregister_kind(name: str) -> None:
-    """Remove a registered kind (not a built-in one); quantizers of that kind stop working."""
-    if name in _BUILT_IN:
-        raise ValueError(f"{name!r} is a built-in quantizer kind and cannot be removed")
+    """Remove a registered kind (not a built-in one: a kind whose class is defined in the ``refimpl``
+    package); quantizers of that kind stop working."""
     check_choice(name, "name", quantizer_kinds())
+    if _is_built_in(_KINDS[name]):
+        raise ValueError(f"{name!r} is a built-in quantizer kind and cannot be removed")
     del _KINDS[name]
+
+
+def _is_built_in(kind: QuantizerKind) -> bool:
+    """Whether a kind's class is defined inside the refimpl package (wherever it was registered)."""
+    return type(kind).__module__.startswith("refimpl.")
 
 
 def quantizer_kinds() -> tuple[str, ...]:
@@ -512,8 +523,6 @@ class APoT(_ClippedGrid):
     def quantize(self, q, x, signed):
         return apot_quant(x, q.spec.bits, q.alpha, q.apot_k, signed=signed, rcf=q.rcf)
 
-
-_BUILT_IN = frozenset(_KINDS)
 
 
 # --------------------------------------------------------------------------------------------

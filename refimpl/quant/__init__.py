@@ -20,6 +20,9 @@ from .functional import (
 from .apot import (apot_alpha_search, apot_levels, apot_quant, apot_terms, apot_weight_terms,
                    bitshift_dot, log_levels, log_quant, pot_levels, pot_quant, weight_norm)
 from .nonuniform import pow2_levels, quantize_to_levels
+from .dorefa import dorefa_act, dorefa_normalize, dorefa_weight
+from .pact import pact_quant, pact_range
+from .qil import qil_act, qil_transform, qil_weight
 from .pwlq import (
     PWLQ_BREAKPOINT_METHODS,
     PWLQ_SCHEMES,
@@ -40,4 +43,6 @@ __all__ = [
     "PWLQ_SCHEMES", "PWLQ_BREAKPOINT_METHODS",
     "lsq_fake_quant", "lsq_grad_scale", "pot_scale", "ROUNDING_MODES", "ste_fake_quant", "ste_derivatives",
     "dsq", "dsq_hard", "dsq_phi", "dsq_ste",
+    "pact_quant", "pact_range", "dorefa_normalize", "dorefa_weight", "dorefa_act",
+    "qil_transform", "qil_weight", "qil_act",
 ]

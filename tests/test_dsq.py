@@ -13,9 +13,9 @@ from refimpl.qmodel.control import act_quantizers, weight_quantizers
 from refimpl.quant import dsq, dsq_hard, dsq_phi, dsq_ste
 
 
-def _numpy_dsq(x, lo, up, alpha, bits):
+def _numpy_dsq(x, lo, up, alpha, bits, levels=None):
     """Q_S read element by element from the definition (issue 14 / ricky40403/DSQ)."""
-    n = 2 ** bits - 1
+    n = (2 ** bits if levels is None else levels) - 1
     d = (up - lo) / n
     s = 1.0 / (1.0 - alpha)
     k = math.log(2.0 / alpha - 1.0) / d
@@ -95,6 +95,24 @@ def test_hard_quantizer_grid_by_hand():
     lo, up = torch.tensor([[0.0], [-4.0]]), torch.tensor([[3.0], [4.0]])
     xx = torch.tensor([[0.4, 1.6, 2.9], [-3.0, 0.1, 3.5]])
     torch.testing.assert_close(dsq_hard(xx, lo, up, 2), torch.tensor([[0.0, 2.0, 3.0], [-4.0, 4 / 3, 4.0]]))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_narrow_grid_matches_the_reading_and_finite_differences(bits):
+    """levels = 2^b - 1 (a narrow-range grid): the same definition with one interval fewer."""
+    g = torch.Generator().manual_seed(bits)
+    levels = 2 ** bits - 1
+    x = torch.rand(200, generator=g, dtype=torch.float64) * 3.0 - 1.7
+    got = dsq(x, -1.1, 0.9, 0.3, bits, levels=levels)
+    np.testing.assert_allclose(got.numpy(), _numpy_dsq(x.numpy(), -1.1, 0.9, 0.3, bits, levels), rtol=0, atol=1e-12)
+    d = 2.0 / (levels - 1)
+    i = torch.randint(0, levels - 1, (10,), generator=g).double()
+    x = (-1.0 + (i + 0.2 + 0.6 * torch.rand(10, generator=g, dtype=torch.float64)) * d).requires_grad_(True)
+    lo = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    up = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    al = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c, e: dsq(a, b, c, e, bits, levels=levels), (x, lo, up, al),
+                                    eps=1e-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
@@ -299,11 +317,25 @@ def test_leaving_the_kind_keeps_the_learned_grid():
     torch.testing.assert_close(aq(h), dsq_hard(h, lo_r, lo_r + 7 * step, 3), atol=1e-5, rtol=0)
 
 
-def test_kind_refuses_narrow_range():
+def test_kind_on_a_narrow_range_grid():
+    """TensorRT's weights [-(2^(b-1) - 1), 2^(b-1) - 1]: 2^b - 1 levels from l to u; the hard grid
+    DSQ starts from is the calibrated one."""
     fp, x, _ = _tiny()
     q = _dsq_model(fp, x, weight_narrow_range=True)
-    with pytest.raises(ValueError, match="narrow_range"):
-        set_trainable(q, "dsq")
+    w = {n: q.get_submodule(n).weight.detach() for n in weight_quantizers(q)}
+    fixed = {n: wq(w[n]) for n, wq in weight_quantizers(q).items()}
+    set_trainable(q, "dsq", acts=False)
+    q.eval()
+    for n, wq in weight_quantizers(q).items():
+        assert wq.spec.num_levels == 7
+        torch.testing.assert_close(wq(w[n]), fixed[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(wq.export()["scale"], (wq.upper - wq.lower).detach() / 6)
+    # levels=2^b is the paper's grid; fewer levels widen the step
+    t = torch.linspace(-1.5, 1.5, 301, dtype=torch.float64)
+    assert torch.equal(dsq(t, -1.0, 1.0, 0.2, 3), dsq(t, -1.0, 1.0, 0.2, 3, levels=8))
+    assert len(torch.unique(dsq_hard(t, -1.0, 1.0, 3, levels=7))) == 7
+    with pytest.raises(ValueError, match="levels"):
+        dsq(t, -1.0, 1.0, 0.2, 3, levels=9)
 
 
 def test_dsq_ste_forward_is_hard_and_backward_is_soft():

@@ -339,8 +339,9 @@ class DSQ(QuantizerKind):
     1 - 1e-4) plays the part of the bound λ of the paper's Eq. 6, ``||α||_2 < λ``, whose value
     was not available.
 
-    The grid has 2^b levels from l to u, so narrow-range specs are refused. ``export`` (and
-    switching to another kind) gives scale = (u - l)/(2^b - 1) and zero_point = qmin - l/scale
+    The grid has the spec's levels from l to u (2^b; 2^b - 1 for a narrow-range spec).
+    ``export`` (and switching to another kind) gives scale = (u - l)/(levels - 1) and
+    zero_point = qmin - l/scale
     (rounded on export); l and u are learned separately, so a symmetric spec's zero point may
     move away from 0.
     """
@@ -363,9 +364,6 @@ class DSQ(QuantizerKind):
             raise ValueError(f"alpha_max must lie in ({self.alpha_min}, 1), got {bad}")
 
     def init(self, q):
-        if q.spec.narrow_range:
-            raise ValueError("the 'dsq' quantizer kind needs 2^b levels: use a spec with narrow_range=False "
-                             "(QuantConfig(weight_narrow_range=False))")
         if not isinstance(getattr(q, "lower", None), nn.Parameter):
             self.update(q)
         if not isinstance(getattr(q, "alpha", None), nn.Parameter):
@@ -387,7 +385,7 @@ class DSQ(QuantizerKind):
 
     def _grid(self, q):
         with torch.no_grad():
-            scale = (q.upper - q.lower) / (2 ** q.spec.bits - 1)
+            scale = (q.upper - q.lower) / (q.spec.num_levels - 1)
             return scale.clone(), q.spec.qmin - q.lower / scale
 
     def leave(self, q):
@@ -407,11 +405,12 @@ class DSQ(QuantizerKind):
         if q.lower.ndim and q.spec.axis is not None:
             shape[q.spec.axis % x.ndim] = x.shape[q.spec.axis % x.ndim]
         lo, up = q.lower.reshape(shape), q.upper.reshape(shape)
+        levels = q.spec.num_levels
         if not q.training:
-            return dsq_hard(x, lo, up, q.spec.bits)
+            return dsq_hard(x, lo, up, q.spec.bits, levels)
         with torch.no_grad():
             q.alpha.clamp_(self.alpha_min, q.alpha_max)
-        return (dsq_ste if q.hard_forward else dsq)(x, lo, up, q.alpha, q.spec.bits)
+        return (dsq_ste if q.hard_forward else dsq)(x, lo, up, q.alpha, q.spec.bits, levels)
 
 
 class _ClippedGrid(QuantizerKind):

@@ -63,13 +63,15 @@ def _as_tensor(v, name: str, like: torch.Tensor) -> torch.Tensor:
                         dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
-def _checked(x, lower, upper, bits):
+def _checked(x, lower, upper, bits, levels):
+    """(lower, upper, n): the checked range and the number of intervals n = levels - 1."""
     check_float_tensor(x, "x")
     bits = check_int(bits, "bits", 1, 8)
+    levels = 2 ** bits if levels is None else check_int(levels, "levels", 2, 2 ** bits)
     lower, upper = _as_tensor(lower, "lower", x), _as_tensor(upper, "upper", x)
     if not bool((lower.detach() < upper.detach()).all()):
         raise ValueError("lower must be < upper everywhere (the clipping range [lower, upper] of DSQ)")
-    return lower, upper, bits
+    return lower, upper, levels - 1
 
 
 def _check_alpha(alpha, x) -> torch.Tensor:
@@ -80,40 +82,40 @@ def _check_alpha(alpha, x) -> torch.Tensor:
     return alpha
 
 
-def _interval(x, lower, upper, bits):
-    """(Δ, i, m_i) of x (already clamped to [l, u]) in the compute dtype."""
-    n = 2 ** bits - 1
+def _interval(x, lower, upper, n):
+    """(Δ, i, m_i) of x (already clamped to [l, u]) in the compute dtype; n intervals."""
     delta = (upper - lower) / n
     # floor has zero gradient: the index is piecewise constant in x, l and u
     i = torch.floor((x - lower) / delta).clamp(0, n - 1)
     return delta, i, lower + (i + 0.5) * delta
 
 
-def dsq_phi(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
+def dsq_phi(x: torch.Tensor, lower, upper, alpha, bits: int, levels: int | None = None) -> torch.Tensor:
     """DSQ's soft function φ(x) = s·tanh(k(x - m_i)) (Gong et al. 2019, Eq. 1 and 5), in [-1, 1] inside [l, u].
 
     x: any shape, float dtype; lower, upper, alpha: tensors (or numbers) broadcastable to x, with
     lower < upper and 0 < alpha < 1. x is clamped to [l, u] first (outside, Q_S is l or u and φ is
-    not used). Returns x's shape and dtype (computed in float32, or float64 for float64 inputs).
+    not used). ``levels`` as in ``dsq``. Returns x's shape and dtype (computed in float32, or
+    float64 for float64 inputs).
 
     Used in :ref:`ch9-sec-the-soft-staircase`.
     """
-    lower, upper, bits = _checked(x, lower, upper, bits)
+    lower, upper, n = _checked(x, lower, upper, bits, levels)
     alpha = _check_alpha(alpha, x)
     dt = _compute_dtype(x, lower, upper, alpha)
     xc, lo, up, al = x.to(dt), lower.to(dt), upper.to(dt), alpha.to(dt)
     xc = torch.minimum(torch.maximum(xc, lo), up)
-    return _phi(xc, lo, up, al, bits)[0].to(x.dtype)
+    return _phi(xc, lo, up, al, n)[0].to(x.dtype)
 
 
-def _phi(xc, lo, up, al, bits):
-    delta, i, m = _interval(xc, lo, up, bits)
+def _phi(xc, lo, up, al, n):
+    delta, i, m = _interval(xc, lo, up, n)
     s = 1 / (1 - al)
     k = torch.log(2 / al - 1) / delta
     return s * torch.tanh(k * (xc - m)), delta, i
 
 
-def dsq(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
+def dsq(x: torch.Tensor, lower, upper, alpha, bits: int, levels: int | None = None) -> torch.Tensor:
     """DSQ's soft quantizer Q_S(x) (Gong et al. 2019, Eq. 2 with Eq. 4-5): l below l, u above u, else
     l + Δ(i + (φ(x) + 1)/2) with Δ = (u - l)/(2^b - 1) and φ = s·tanh(k(x - m_i)), s = 1/(1 - α),
     k = log(2/α - 1)/Δ (module docstring).
@@ -122,15 +124,17 @@ def dsq(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
     (learnable; or numbers) broadcastable to x, e.g. shape (C, 1, 1, 1) for per-channel conv
     weights, with lower < upper and 0 < alpha < 1; bits in 1..8. Differentiable in x, lower,
     upper and alpha (§3.4): the derivatives of this definition, written out (equal to autograd
-    through it, which tests/test_dsq.py checks; one pass, cheaper in training). Returns x's shape and dtype
-    (computed in float32, or float64 when any input is float64).
+    through it, which tests/test_dsq.py checks; one pass, cheaper in training). ``levels``: the
+    number of grid points from l to u, 2^b by default (the paper's); 2^b - 1 for a narrow-range
+    grid such as TensorRT's weights [-127, 127], so that Δ = (u - l)/(levels - 1). Returns x's
+    shape and dtype (computed in float32, or float64 when any input is float64).
 
     Used in :ref:`ch9-sec-the-soft-staircase`.
     """
-    lower, upper, bits = _checked(x, lower, upper, bits)
+    lower, upper, n = _checked(x, lower, upper, bits, levels)
     alpha = _check_alpha(alpha, x)
     dt = _compute_dtype(x, lower, upper, alpha)
-    return _SoftQuantizer.apply(x.to(dt), lower.to(dt), upper.to(dt), alpha.to(dt), bits).to(x.dtype)
+    return _SoftQuantizer.apply(x.to(dt), lower.to(dt), upper.to(dt), alpha.to(dt), n).to(x.dtype)
 
 
 class _SoftQuantizer(torch.autograd.Function):
@@ -146,8 +150,7 @@ class _SoftQuantizer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xf, lo, up, al, bits):
-        n = 2 ** bits - 1
+    def forward(ctx, xf, lo, up, al, n):
         # the soft branch on x clamped into [l, u]; where() then picks l or u outside
         xc = torch.minimum(torch.maximum(xf, lo), up)
         delta = (up - lo) / n
@@ -189,26 +192,26 @@ class _SoftQuantizer(torch.autograd.Function):
         return tuple(grads)
 
 
-def dsq_hard(x: torch.Tensor, lower, upper, bits: int) -> torch.Tensor:
+def dsq_hard(x: torch.Tensor, lower, upper, bits: int, levels: int | None = None) -> torch.Tensor:
     """The hard quantizer DSQ deploys (the α -> 0 limit of ``dsq``): l + Δ·round((clip(x, l, u) - l)/Δ),
     Δ = (u - l)/(2^b - 1) (Gong et al. 2019, §3; round half to even).
 
     x: any shape, float dtype; lower, upper: tensors or numbers broadcastable to x, lower < upper;
-    bits in 1..8. Returns x's shape and dtype; no gradient reaches x (round), lower and upper get
+    bits in 1..8, ``levels`` as in ``dsq``. Returns x's shape and dtype; no gradient reaches x (round), lower and upper get
     autograd's (evaluation only). On the grid of an integer zero point it equals ``fake_quant``
     except at exact ties (x half-way between levels), where the rounding of (x - l)/Δ decides.
 
     Used in :ref:`ch9-sec-the-soft-staircase`.
     """
-    lower, upper, bits = _checked(x, lower, upper, bits)
+    lower, upper, n = _checked(x, lower, upper, bits, levels)
     dt = _compute_dtype(x, lower, upper)
     xf, lo, up = x.to(dt), lower.to(dt), upper.to(dt)
-    delta = (up - lo) / (2 ** bits - 1)
-    code = torch.round((torch.minimum(torch.maximum(xf, lo), up) - lo) / delta).clamp(0, 2 ** bits - 1)
+    delta = (up - lo) / n
+    code = torch.round((torch.minimum(torch.maximum(xf, lo), up) - lo) / delta).clamp(0, n)
     return (lo + delta * code.detach()).to(x.dtype)
 
 
-def dsq_ste(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
+def dsq_ste(x: torch.Tensor, lower, upper, alpha, bits: int, levels: int | None = None) -> torch.Tensor:
     """DSQ as MQBench's released code trains it: the hard quantizer forward, the soft quantizer's
     gradient backward (``soft + (hard - soft).detach()``).
 
@@ -222,7 +225,7 @@ def dsq_ste(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
 
     Used in :ref:`ch9-sec-training-with-dsq`.
     """
-    soft = dsq(x, lower, upper, alpha, bits)
+    soft = dsq(x, lower, upper, alpha, bits, levels)
     hard = dsq_hard(x.detach(), lower.detach() if isinstance(lower, torch.Tensor) else lower,
-                    upper.detach() if isinstance(upper, torch.Tensor) else upper, bits)
+                    upper.detach() if isinstance(upper, torch.Tensor) else upper, bits, levels)
     return soft + (hard - soft).detach()

@@ -22,6 +22,17 @@ layers with the folded weight and the same weight quantizer. Whether batch stati
 decided by the BN submodule's own train flag, so ``refimpl.fold.reestimate_bn`` (which puts the
 model in eval mode and only the BNs in train mode) re-estimates the statistics of naive,
 white_paper and torch.
+
+>>> import torch
+>>> from refimpl.models import ResNetCNN
+>>> from refimpl.qmodel import QuantConfig, quantize_model
+>>> model = ResNetCNN(1, 10, width=4, num_blocks=1).eval()
+>>> qm = fuse_bn(quantize_model(model, QuantConfig(weight_bits=4, act_bits=None), keep_bn=True), "torch")
+>>> type(qm.stem.conv).__name__, BN_FOLDS[qm.stem.conv.strategy]
+('QuantConvBN2d', 4)
+>>> x = torch.randn(4, 1, 8, 8)
+>>> bool(torch.equal(unfuse_bn(qm)(x), qm(x)))      # eval mode: the same function, BN folded away
+True
 """
 
 from __future__ import annotations

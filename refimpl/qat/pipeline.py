@@ -17,13 +17,15 @@ from torch import nn
 from .._checks import check_choice, check_int, check_positive
 from ..fold import fold_all_bn, reestimate_bn
 from ..graph import device_of
-from ..qmodel import (QuantConfig, act_quantizers, calibrate, freeze, get_kind, merge_bn, quantize_model,
-                      quantizer_kinds, set_kind_options, set_trainable, weight_quantizers)
+from ..qmodel import (BN_FOLDS, QuantConfig, act_quantizers, calibrate, freeze, fuse_bn, get_kind, merge_bn,
+                      quantize_model, quantizer_kinds, set_kind_options, set_trainable, unfuse_bn, weight_quantizers)
 from ..train import evaluate, fit
 
 __all__ = ["qat_pipeline", "BN_MODES", "qat_kinds"]
 
-BN_MODES = ("static", "keep")
+BN_MODES = tuple(BN_FOLDS)
+"""The ``bn`` strategies of :func:`qat_pipeline`: the names of MQBench's BN folds
+(``refimpl.qmodel.BN_FOLDS``: "keep", "static", "freeze", "naive", "white_paper", "torch")."""
 
 
 def qat_kinds() -> tuple[str, ...]:
@@ -40,15 +42,24 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
 
     Steps, each as the paper recommends:
 
-    1. BatchNorm (§4.2, Table 7 there). ``bn="static"`` (the paper's recommendation): static
+    1. BatchNorm (§4.2, Table 7 there; MQBench's strategies, ``refimpl.qmodel.BN_FOLDS``, its
+       code numbers in brackets). ``bn="static"`` (0, the paper's recommendation): static
        folding with the running statistics before QAT (``refimpl.fold.fold_all_bn``; no BN
-       during QAT). ``bn="keep"`` ("keep original BN (per-channel)"): each BN stays in float
+       during QAT). ``bn="keep"`` (-1, "keep original BN (per-channel)"): each BN stays in float
        after its quantized layer and trains with batch statistics; after training it is merged
        into the per-channel weight scales (``refimpl.qmodel.merge_bn``; needs per-channel
-       symmetric weights). With ``bn_reestimation=True`` the BN statistics are first recomputed
-       on ``data.x_train`` with the final quantized weights (``refimpl.fold.reestimate_bn``,
-       Nagel et al. 2022). The paper's optional cross-layer equalization step (for
-       depthwise-separable models) is not part of this function: apply it to ``fp_model`` first.
+       symmetric weights). ``bn="freeze"`` (1), ``"naive"`` (2, Jacob et al. 2018),
+       ``"white_paper"`` (3, Krishnamoorthi 2018) and ``"torch"`` (4, PyTorch's ConvBn2d): each
+       quantized layer and its BN are fused (``refimpl.qmodel.fuse_bn`` after
+       ``quantize_model(fp_model, config, keep_bn=True)``), the weight quantizer sees the folded
+       weight during QAT, and after training each becomes a plain quantized layer with the
+       folded weight and the same quantizer (``refimpl.qmodel.unfuse_bn``; any weight grid).
+       With ``bn_reestimation=True`` (keep, naive, white_paper, torch) the BN statistics are
+       first recomputed on ``data.x_train`` with the final quantized weights
+       (``refimpl.fold.reestimate_bn``, Nagel et al. 2022); "freeze" refuses it: its statistics
+       are by definition the fixed ones its folded weights were trained with. The paper's
+       optional cross-layer equalization step (for depthwise-separable models) is not part of
+       this function: apply it to ``fp_model`` first.
     2. Add quantizers (§2.3): ``refimpl.qmodel.quantize_model(folded, config)``.
     3. Range estimation (§4.3, §4.4 step 3): weight ranges as ``config.weight_range_method``,
        activation ranges calibrated on ``data.x_calib`` with ``config.act_range_method``. The paper
@@ -73,9 +84,6 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     BN is then not merged (no per-channel scale to merge it into): it stays in float, in eval mode
     with its running statistics, and ``history["bn_merged"]`` says which happened.
 
-    Not implemented: the double-forward BN folding of Jacob et al. 2018 / Krishnamoorthi 2018
-    (the paper's Table 7 finds it no better than static folding).
-
     Determinism: mini-batch order from a ``torch.Generator`` seeded with ``seed``; the global
     RNG is not used (no dropout, no random init), so a seed gives bit-identical weights on the
     same machine, device and thread count. The qmodel trains in its own mode; ``fp_model`` and
@@ -89,9 +97,10 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     accuracy (%) of the PTQ initialisation, "loss": mean training loss per epoch, "test_acc":
     test accuracy (%) after each epoch (trainable quantizers; empty with ``eval_each_epoch=False``,
     which saves those evaluations), "final_acc": test accuracy of the
-    returned, frozen model (BN merged for ``bn="keep"``), and for ``bn="keep"`` "bn_merged",
-    "before_reestimation_acc" (with ``bn_reestimation``) and "merge_clamped" (weight codes
-    clamped by the merge, see ``merge_bn``; 0 when not merged), "weight_params" {layer: {name:
+    returned, frozen model (BN merged for ``bn="keep"``), and for every ``bn`` but "static"
+    "bn_merged" (False only for "keep" with a non-uniform kind), "before_reestimation_acc" (with
+    ``bn_reestimation``) and "merge_clamped" (weight codes clamped by ``merge_bn``; 0 when not
+    merged and for the fused strategies, whose unfusing clamps nothing), "weight_params" {layer: {name:
     values}} and "act_params" {site: {name: values}}: every 0-d learned quantizer parameter (DSQ's
     and APoT's ``alpha``, a per-tensor LSQ ``scale``, ...) at the start and after each step,
     "seconds": wall time of the whole pipeline, "cpu_seconds": its process CPU time (all threads;
@@ -108,11 +117,14 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     if bn == "static":
         qmodel = quantize_model(fold_all_bn(fp_model), config)           # steps 1-2
     else:
-        qmodel = quantize_model(fp_model, config, keep_bn=True)
+        qmodel = fuse_bn(quantize_model(fp_model, config, keep_bn=True), bn)   # "keep": as it is
     calibrate(qmodel, data.x_calib)                                      # step 3
     quant_params = set_trainable(qmodel, trainable)                      # step 4
     if kind_options:
         set_kind_options(qmodel, kind_options)
+        # an option may add a learned tensor (LSQ's learn_zero_point): collect them afresh
+        quant_params = [p for q in (*weight_quantizers(qmodel).values(), *act_quantizers(qmodel).values())
+                        for p in q.parameters(recurse=False)]
     history = {"ptq_acc": evaluate(qmodel, data.x_test, data.y_test), "loss": [], "test_acc": []}
     record = _scalar_recorder(qmodel, history)
 
@@ -142,18 +154,8 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     # into a plain quantize_model(...) of the same folded model and config
     freeze(qmodel)
     qmodel.eval()
-    affine = get_kind(trainable).affine
-    if bn == "keep":
-        if bn_reestimation:
-            history["before_reestimation_acc"] = evaluate(qmodel, data.x_test, data.y_test)
-            device = device_of(qmodel, default=torch.device("cpu"))
-            reestimate_bn(qmodel, data.x_train.to(device), batch_size=max(2, batch_size))
-        history["bn_merged"] = affine
-        if affine:
-            qmodel, clamped = merge_bn(qmodel, return_report=True)
-            history["merge_clamped"] = sum(clamped.values())
-        else:
-            history["merge_clamped"] = 0
+    if bn != "static":
+        qmodel = _finish_bn(qmodel, bn, bn_reestimation, get_kind(trainable).affine, data, batch_size, history)
     history["final_acc"] = evaluate(qmodel, data.x_test, data.y_test)
     history["seconds"] = time.perf_counter() - t0
     history["cpu_seconds"] = time.process_time() - c0
@@ -176,8 +178,9 @@ def _check_args(fp_model, data, config, trainable, epochs, lr, quant_lr, batch_s
     check_choice(bn, "bn", BN_MODES)
     if not isinstance(bn_reestimation, bool):
         raise TypeError(f"bn_reestimation must be a bool, got {bn_reestimation!r}")
-    if bn_reestimation and bn != "keep":
-        raise ValueError('bn_reestimation=True needs bn="keep" (after static folding there are no BN statistics)')
+    if bn_reestimation and bn in ("static", "freeze"):
+        raise ValueError('bn_reestimation=True needs bn="keep", "naive", "white_paper" or "torch" (after static '
+                         'folding there are no BN statistics; "freeze" keeps the ones its weights were folded with)')
     if bn == "keep" and get_kind(trainable).affine and not (config.weight_per_channel and config.weight_symmetric):
         raise ValueError('bn="keep" merges BN into per-channel weight scales after training: it needs '
                          "QuantConfig(weight_per_channel=True, weight_symmetric=True)")
@@ -192,6 +195,24 @@ def _check_args(fp_model, data, config, trainable, epochs, lr, quant_lr, batch_s
     if len(data.x_train) != len(data.y_train):
         raise ValueError(f"data.x_train has {len(data.x_train)} rows but data.y_train has {len(data.y_train)}")
     return epochs, lr, quant_lr, batch_size, seed
+
+
+def _finish_bn(qmodel, bn, bn_reestimation, affine, data, batch_size, history):
+    """After QAT with BN kept or fused: re-estimate the BN statistics if asked, then merge ("keep",
+    affine kinds) or unfuse (fused strategies) the BN; return the BN-free (or kept-BN) model."""
+    if bn_reestimation:
+        history["before_reestimation_acc"] = evaluate(qmodel, data.x_test, data.y_test)
+        device = device_of(qmodel, default=torch.device("cpu"))
+        reestimate_bn(qmodel, data.x_train.to(device), batch_size=max(2, batch_size))
+    history["merge_clamped"] = 0
+    if bn != "keep":
+        history["bn_merged"] = True
+        return unfuse_bn(qmodel)
+    history["bn_merged"] = affine
+    if affine:
+        qmodel, clamped = merge_bn(qmodel, return_report=True)
+        history["merge_clamped"] = sum(clamped.values())
+    return qmodel
 
 
 def _scalar_recorder(qmodel: nn.Module, history: dict):

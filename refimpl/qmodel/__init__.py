@@ -17,7 +17,9 @@ White paper (Nagel et al. 2021, arXiv 2106.08295) §2.3 "Quantization simulation
 * ``insertion``: :func:`quantize_model` (where quantizers sit), :func:`first_last_bits`,
   :func:`input_sites`;
 * ``control``: :func:`calibrate`, :func:`set_quant_state`, :func:`set_trainable`,
-  :func:`set_kind_options`, :func:`freeze`, :func:`merge_bn` and the accessors.
+  :func:`set_kind_options`, :func:`freeze`, :func:`merge_bn` and the accessors;
+* ``bnfold``: MQBench's BN-folding strategies for QAT (:data:`BN_FOLDS`): :func:`fuse_bn`,
+  :func:`unfuse_bn` and the fused modules ``QuantConvBN1d/2d/3d``, ``QuantLinearBN``.
 
 Activation quantizers have three states: ``"observe"`` (pass through, record statistics),
 ``"quantize"`` and ``"off"``. What it cannot handle: models torch.fx cannot trace symbolically
@@ -36,6 +38,8 @@ Activation quantizers have three states: ``"observe"`` (pass through, record sta
 
 from ..quant import ste_fake_quant
 from .backends import BACKENDS, Backend, backend_names, get_backend, register_backend
+from .bnfold import (BN_FOLDS, FUSED_CLASSES, QuantConvBN1d, QuantConvBN2d, QuantConvBN3d, QuantLayerBN,
+                     QuantLinearBN, fuse_bn, fuse_layer_bn, unfuse_bn)
 from .config import ACT_RANGES, INSERTION_PATTERNS, WEIGHT_RANGES, QuantConfig
 from .control import (act_quantizers, calibrate, freeze, merge_bn, quant_layers, set_kind_options, set_quant_state,
                       set_trainable, weight_quantizers)
@@ -53,4 +57,6 @@ __all__ = [
     "ActQuantizer", "ACT_STATES", "QuantLayer", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear",
     "QUANT_CLASSES", "quantize_model", "input_sites", "first_last_bits", "calibrate", "set_quant_state",
     "set_trainable", "set_kind_options", "freeze", "weight_quantizers", "act_quantizers", "quant_layers", "merge_bn", "ste_fake_quant",
+    "BN_FOLDS", "QuantLayerBN", "QuantConvBN1d", "QuantConvBN2d", "QuantConvBN3d", "QuantLinearBN", "FUSED_CLASSES",
+    "fuse_layer_bn", "fuse_bn", "unfuse_bn",
 ]

@@ -82,7 +82,9 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     Quantizers of a kind with a non-uniform grid (``QuantizerKind.affine`` False: PoT, APoT) keep
     their kind after training instead of being frozen to a uniform grid; with ``bn="keep"`` their
     BN is then not merged (no per-channel scale to merge it into): it stays in float, in eval mode
-    with its running statistics, and ``history["bn_merged"]`` says which happened.
+    with its running statistics, and ``history["bn_merged"]`` says which happened. The same holds
+    for per-tensor or asymmetric weights with ``bn="keep"``: BN stays in float (MQBench's academic
+    setting, "Fold BN: No"); integer hardware needs one of the folding strategies instead.
 
     Determinism: mini-batch order from a ``torch.Generator`` seeded with ``seed``; the global
     RNG is not used (no dropout, no random init), so a seed gives bit-identical weights on the
@@ -155,7 +157,8 @@ def qat_pipeline(fp_model: nn.Module, data, config: QuantConfig, *, trainable: s
     freeze(qmodel)
     qmodel.eval()
     if bn != "static":
-        qmodel = _finish_bn(qmodel, bn, bn_reestimation, get_kind(trainable).affine, data, batch_size, history)
+        mergeable = get_kind(trainable).affine and config.weight_per_channel and config.weight_symmetric
+        qmodel = _finish_bn(qmodel, bn, bn_reestimation, mergeable, data, batch_size, history)
     history["final_acc"] = evaluate(qmodel, data.x_test, data.y_test)
     history["seconds"] = time.perf_counter() - t0
     history["cpu_seconds"] = time.process_time() - c0
@@ -181,9 +184,6 @@ def _check_args(fp_model, data, config, trainable, epochs, lr, quant_lr, batch_s
     if bn_reestimation and bn in ("static", "freeze"):
         raise ValueError('bn_reestimation=True needs bn="keep", "naive", "white_paper" or "torch" (after static '
                          'folding there are no BN statistics; "freeze" keeps the ones its weights were folded with)')
-    if bn == "keep" and get_kind(trainable).affine and not (config.weight_per_channel and config.weight_symmetric):
-        raise ValueError('bn="keep" merges BN into per-channel weight scales after training: it needs '
-                         "QuantConfig(weight_per_channel=True, weight_symmetric=True)")
     epochs = check_int(epochs, "epochs", low=1)
     lr = check_positive(lr, "lr")
     quant_lr = lr / 10 if quant_lr is None else check_positive(quant_lr, "quant_lr")
@@ -197,9 +197,10 @@ def _check_args(fp_model, data, config, trainable, epochs, lr, quant_lr, batch_s
     return epochs, lr, quant_lr, batch_size, seed
 
 
-def _finish_bn(qmodel, bn, bn_reestimation, affine, data, batch_size, history):
+def _finish_bn(qmodel, bn, bn_reestimation, mergeable, data, batch_size, history):
     """After QAT with BN kept or fused: re-estimate the BN statistics if asked, then merge ("keep",
-    affine kinds) or unfuse (fused strategies) the BN; return the BN-free (or kept-BN) model."""
+    affine kinds on per-channel symmetric weights) or unfuse (fused strategies) the BN; return the
+    BN-free (or kept-BN) model."""
     if bn_reestimation:
         history["before_reestimation_acc"] = evaluate(qmodel, data.x_test, data.y_test)
         device = device_of(qmodel, default=torch.device("cpu"))
@@ -208,8 +209,8 @@ def _finish_bn(qmodel, bn, bn_reestimation, affine, data, batch_size, history):
     if bn != "keep":
         history["bn_merged"] = True
         return unfuse_bn(qmodel)
-    history["bn_merged"] = affine
-    if affine:
+    history["bn_merged"] = mergeable
+    if mergeable:
         qmodel, clamped = merge_bn(qmodel, return_report=True)
         history["merge_clamped"] = sum(clamped.values())
     return qmodel

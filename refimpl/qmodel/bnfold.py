@@ -9,10 +9,11 @@ weight *while* training, so that the weight quantizer sees the folded weight W *
 that the deployed integer layer uses (white paper, Nagel et al. 2021, §4.2):
 
 * "freeze" (1): the running statistics only, never updated (gamma, beta still learn);
-* "naive" (2): Jacob et al. 2018 (integer-only inference, §3.2): a float pass gives the batch
-  statistics, which are folded into W and b before the quantized pass;
-* "white_paper" (3): Krishnamoorthi 2018 §2.4 / the white paper's Fig. 9: the weight is folded
-  with the running std, and the output corrected by sigma_running / sigma_batch;
+* "naive" (2): Jacob et al. 2018 (integer-only inference, arXiv 1712.05877, its BN-folding
+  section): a float pass gives the batch statistics, which are folded into W and b before the
+  quantized pass;
+* "white_paper" (3): Krishnamoorthi 2018 (arXiv 1806.08342, its BN-folding section): the weight
+  is folded with the running std, and the output corrected by sigma_running / sigma_batch;
 * "torch" (4): PyTorch's ``torch.ao.nn.intrinsic.qat.ConvBn2d``: the quantized folded conv is
   divided back by gamma / sigma_running and a real BN (batch statistics) follows.
 

@@ -80,7 +80,8 @@ MQBENCH_ALGORITHMS = {
 
 def mqbench_qat(fp_model: nn.Module, data, backend: str = "academic", algorithm: str = "lsq",
                 weight_bits: int = 4, act_bits: int = 4, *, bn: str = "torch", first_last: int | None = 8,
-                weight_range_method: str = "mse", act_range_method: str = "mse", **regime):
+                weight_range_method: str = "mse", act_range_method: str = "mse", config_options: dict | None = None,
+                **regime):
     """QAT of ``fp_model`` by one algorithm under one backend's rules (MQBench, Li et al. 2021).
 
     backend: a name of ``refimpl.qmodel.backend_names()`` (or a ``Backend``); algorithm: a key of
@@ -90,8 +91,9 @@ def mqbench_qat(fp_model: nn.Module, data, backend: str = "academic", algorithm:
     the regime fixes the rest, the same for every cell: ``bn`` the BatchNorm-folding strategy
     (MQBench's experiments all use its strategy 4, PyTorch's fold, "torch"), ``first_last`` the
     bit-width of the first and last layers (None: ``weight_bits``/``act_bits`` everywhere), the
-    range methods that initialise the quantizers, and ``regime``: ``qat_pipeline``'s
-    epochs, lr, quant_lr, batch_size, seed, eval_each_epoch, progress.
+    range methods that initialise the quantizers, ``config_options`` further ``QuantConfig``
+    fields the backend leaves free (e.g. ``{"act_samples": 1024}``), and ``regime``:
+    ``qat_pipeline``'s epochs, lr, quant_lr, batch_size, seed, eval_each_epoch, progress.
 
     Returns ``qat_pipeline``'s (qmodel, history), with history["backend"], ["algorithm"].
     """
@@ -99,8 +101,10 @@ def mqbench_qat(fp_model: nn.Module, data, backend: str = "academic", algorithm:
     check_choice(algorithm, "algorithm", tuple(MQBENCH_ALGORITHMS))
     algo = MQBENCH_ALGORITHMS[algorithm]
     b.check_kind(algo.kind)
+    if config_options is not None and not isinstance(config_options, dict):
+        raise TypeError(f"config_options must be a dict of QuantConfig fields or None, got {config_options!r}")
     config = b.config(weight_bits, act_bits, weight_range_method=weight_range_method,
-                      act_range_method=act_range_method)
+                      act_range_method=act_range_method, **(config_options or {}))
     if first_last is not None:
         # the sites of the first and last layers' inputs, found on the BN-free model
         config = first_last_bits(fold_all_bn(fp_model), config, first_last)

@@ -165,7 +165,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     Used in :ref:`ch1-sec-the-network-used-throughout`, :ref:`ch2-sec-rounding`,
     :ref:`ch3-sec-ranges-on-a-trained-network`, :ref:`ch5-sec-white-paper-post-training`,
     :ref:`ch6-sec-white-paper-quantization-aware`, :ref:`ch8-sec-pwlq`, :ref:`ch7-sec-easyquant`,
-    :ref:`ch9-sec-dsq`, :ref:`ch10-sec-log-pot-apot`.
+    :ref:`ch9-sec-dsq`, :ref:`ch10-sec-log-pot-apot`, :ref:`ch11-sec-mqbench`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

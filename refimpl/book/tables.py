@@ -36,7 +36,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Se
     :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-registers-lanes-and`,
     :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-the-straight-through-estimator`,
     :ref:`ch8-sec-choosing-the-breakpoint`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`,
-    :ref:`ch9-sec-training-with-dsq`, :ref:`ch10-sec-the-grids`.
+    :ref:`ch9-sec-training-with-dsq`, :ref:`ch10-sec-the-grids`, :ref:`ch11-sec-six-backends-as-data`.
     """
     headers = [_cell(h) for h in headers]
     ncol = len(headers)
@@ -65,7 +65,7 @@ def mean_std(values) -> tuple[float, float]:
 
     Used in :ref:`ch5-sec-per-tensor-weights-and-the`, :ref:`ch6-sec-the-qat-pipeline`,
     :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`,
-    :ref:`ch9-sec-training-with-dsq`, :ref:`ch10-sec-training-with-the-grids`.
+    :ref:`ch9-sec-training-with-dsq`, :ref:`ch10-sec-training-with-the-grids`, :ref:`ch11-sec-one-regime`.
     """
     vals = [float(v) for v in values]
     if not vals:
@@ -81,7 +81,7 @@ def format_mean_std(values, digits: int = 1) -> str:
 
     Used in :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-the-qat-pipeline`,
     :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`,
-    :ref:`ch9-sec-training-with-dsq`, :ref:`ch10-sec-training-with-the-grids`.
+    :ref:`ch9-sec-training-with-dsq`, :ref:`ch10-sec-training-with-the-grids`, :ref:`ch11-sec-one-regime`.
     """
     digits = check_int(digits, "digits", 0, 6)
     mean, std = mean_std(values)
@@ -103,7 +103,7 @@ def check_claims(claims) -> None:
     :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-why-accumulators-overflow`,
     :ref:`ch5-sec-per-tensor-weights-and-the`, :ref:`ch6-sec-the-straight-through-estimator`,
     :ref:`ch8-sec-choosing-the-breakpoint`, :ref:`ch7-sec-the-scale-search`, :ref:`ch9-sec-training-with-dsq`,
-    :ref:`ch10-sec-logquant`.
+    :ref:`ch10-sec-logquant`, :ref:`ch11-sec-one-regime`.
     """
     from collections.abc import Mapping
 

@@ -76,6 +76,9 @@ MQBENCH_ALGORITHMS = {
         "academic backend only (a non-uniform grid); reparameterised clipping gradient, no weight "
         "normalisation."),
 }
+"""The QAT algorithms of MQBench's academic track as run here: {name: :class:`Algorithm`}.
+
+Used in :ref:`ch11-sec-one-regime`."""
 
 
 def mqbench_qat(fp_model: nn.Module, data, backend: str = "academic", algorithm: str = "lsq",
@@ -96,6 +99,8 @@ def mqbench_qat(fp_model: nn.Module, data, backend: str = "academic", algorithm:
     ``qat_pipeline``'s epochs, lr, quant_lr, batch_size, seed, eval_each_epoch, progress.
 
     Returns ``qat_pipeline``'s (qmodel, history), with history["backend"], ["algorithm"].
+
+    Used in :ref:`ch11-sec-one-regime`.
     """
     b = get_backend(backend)
     check_choice(algorithm, "algorithm", tuple(MQBENCH_ALGORITHMS))

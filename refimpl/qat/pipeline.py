@@ -30,7 +30,8 @@ BN_MODES = tuple(BN_FOLDS)
 
 def qat_kinds() -> tuple[str, ...]:
     """The registered quantizer kinds that QAT can learn (``QuantizerKind.trainable``): "ste",
-    "lsq", "dsq", "pot", "apot" and any kind registered later with ``trainable = True``."""
+    "lsq", "dsq", "pot", "apot", "pact", "dorefa", "qil" and any kind registered later with
+    ``trainable = True``."""
     return tuple(k for k in quantizer_kinds() if get_kind(k).trainable)
 
 

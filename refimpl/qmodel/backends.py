@@ -49,7 +49,7 @@ class Backend:
                             kernels cannot run.
         source:             where each rule comes from.
 
-    Used in the MQBench chapter.
+    Used in :ref:`ch11-sec-six-backends-as-data`.
     """
 
     name: str
@@ -134,13 +134,19 @@ def register_backend(backend: Backend) -> Backend:
 
 
 def backend_names() -> tuple[str, ...]:
-    """The registered backend names, in registration order."""
+    """The registered backend names, in registration order.
+
+    Used in :ref:`ch11-sec-six-backends-as-data`.
+    """
     return tuple(BACKENDS)
 
 
 def get_backend(name) -> Backend:
     """The registered backend ``name`` (a :class:`Backend` is returned as is); ValueError listing
-    the registered names otherwise."""
+    the registered names otherwise.
+
+    Used in :ref:`ch11-sec-six-backends-as-data`.
+    """
     if isinstance(name, Backend):
         return name
     check_choice(name, "backend", backend_names())

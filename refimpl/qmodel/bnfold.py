@@ -54,7 +54,10 @@ __all__ = ["BN_FOLDS", "QuantLayerBN", "QuantConvBN1d", "QuantConvBN2d", "QuantC
            "FUSED_CLASSES", "fuse_layer_bn", "fuse_bn", "unfuse_bn"]
 
 BN_FOLDS = {"keep": -1, "static": 0, "freeze": 1, "naive": 2, "white_paper": 3, "torch": 4}
-"""Strategy name -> MQBench's number for it (``bnfold`` in its configs, ``search_fold_bn``)."""
+"""Strategy name -> MQBench's number for it (``bnfold`` in its configs, ``search_fold_bn``).
+
+Used in :ref:`ch11-sec-folding-batchnorm-during-qat`.
+"""
 
 _FUSED = tuple(n for n, code in BN_FOLDS.items() if code >= 1)
 
@@ -86,6 +89,8 @@ class QuantLayerBN(QuantLayer):
     Without batch statistics every strategy computes layer(x, Q(W * a_run), folded running bias):
     :meth:`quantized_weight`, :meth:`folded_bias`, exactly what :func:`unfuse_bn` keeps. Input
     and output as the layer's; any float dtype, on the parameters' device.
+
+    Used in :ref:`ch11-sec-folding-batchnorm-during-qat`.
     """
 
     def _op(self, x, weight, bias):
@@ -280,6 +285,8 @@ def fuse_bn(qmodel: torch.fx.GraphModule, strategy: str) -> torch.fx.GraphModule
     ``quantize_model(refimpl.fold.fold_all_bn(model), config)``. ValueError if qmodel has no
     BatchNorm, or one that does not directly follow a quantized layer (named). The input is not
     modified; the result keeps its train/eval mode.
+
+    Used in :ref:`ch11-sec-folding-batchnorm-during-qat`.
     """
     if not isinstance(qmodel, torch.fx.GraphModule):
         raise TypeError(f"qmodel must be a GraphModule from quantize_model(..., keep_bn=True), "

@@ -16,12 +16,15 @@ __all__ = ["QuantConfig", "WEIGHT_RANGES", "ACT_RANGES", "INSERTION_PATTERNS"]
 # the range methods offered for weights (set from the weight tensor itself) and activations
 WEIGHT_RANGES = ("minmax", "mse")
 ACT_RANGES = tuple(KEPT_SAMPLES)
-# MQBench's quantizer-insertion patterns (the "Graph" column of its backend table, Li et al. 2021)
+# the "Graph" column of MQBench's backend table (Li et al. 2021)
 INSERTION_PATTERNS = {
     1: "inputs of quantized Conv/Linear layers (academic)",
     2: "also inputs of residual additions and pooling (TensorRT)",
     3: "every tensor that leaves an operator (whole graph in integers)",
 }
+"""MQBench's quantizer-insertion patterns, {number: what is quantized} (``QuantConfig.insertion``).
+
+Used in :ref:`ch11-sec-where-the-quantizers-sit`."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class QuantConfig:
 
     Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch6-sec-the-qat-pipeline`,
     :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch9-sec-training-with-dsq`,
-    :ref:`ch10-sec-training-with-the-grids`.
+    :ref:`ch10-sec-training-with-the-grids`, :ref:`ch11-sec-where-the-quantizers-sit`.
     """
 
     weight_bits: int = 8

@@ -27,7 +27,8 @@ def _check_qmodel(qmodel):
 def quant_layers(qmodel: nn.Module) -> dict:
     """{layer name: QuantConv1d/2d/3d or QuantLinear module} in module order.
 
-    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch8-sec-choosing-the-breakpoint`.
+    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch8-sec-choosing-the-breakpoint`,
+    :ref:`ch11-sec-folding-batchnorm-during-qat`.
     """
     _check_qmodel(qmodel)
     return {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
@@ -44,7 +45,7 @@ def weight_quantizers(qmodel: nn.Module) -> dict:
 def act_quantizers(qmodel: nn.Module) -> dict:
     """{site name: ActQuantizer} in graph (topological) order; site names as ``quantize_model`` gives them.
 
-    Used in :ref:`ch5-sec-where-the-quantizers-go`.
+    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch11-sec-where-the-quantizers-sit`.
     """
     _check_qmodel(qmodel)
     return {m.site: m for m in qmodel.modules() if isinstance(m, ActQuantizer)}
@@ -59,7 +60,8 @@ def calibrate(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None
     its range method (``QuantConfig.act_range_method``). Afterwards the sites quantize (those
     that were "off" stay off).
 
-    Used in :ref:`ch5-sec-the-results-table`, :ref:`ch8-sec-post-training-quantization-with`.
+    Used in :ref:`ch5-sec-the-results-table`, :ref:`ch8-sec-post-training-quantization-with`,
+    :ref:`ch11-sec-folding-batchnorm-during-qat`.
     """
     _check_qmodel(qmodel)
     check_float_tensor(x, "x")
@@ -111,11 +113,15 @@ def set_quant_state(qmodel: nn.Module, weights: bool = True, acts: bool = True, 
 def set_trainable(qmodel: nn.Module, mode: str, weights: bool = True, acts: bool = True) -> list:
     """Switch quantizers to a quantizer kind (``quantizer_kinds()``): "ste" (learned scale and zero
     point, white paper §4.1), "lsq" (learned step size, Esser et al. 2020), "dsq" (learned clipping
-    range and α of DSQ, Gong et al. 2019), or back to "fixed" (zero points rounded).
+    range and α of DSQ, Gong et al. 2019), "pot"/"apot", "pact", "dorefa", "qil" (MQBench's
+    algorithms, ``refimpl.qmodel.learned_kinds``), any registered kind, or back to "fixed" (zero
+    points rounded).
 
     Returns the list of quantizer parameters (for the optimizer). A checkpoint saved in a
     trainable mode loads into ``quantize_model(...)`` after the same ``set_trainable`` call, or
     call ``set_trainable(qmodel, "fixed")`` before saving.
+
+    Used in :ref:`ch11-sec-folding-batchnorm-during-qat`.
     """
     _check_qmodel(qmodel)
     if mode == "none":

@@ -66,7 +66,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn:
     ValueError for BatchNorm layers (fold them first: ``refimpl.fold.fold_all_bn``), unknown
     ``keep_fp`` / ``layer_weight_bits`` / ``site_act_bits`` names, or a model torch.fx cannot trace.
 
-    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch8-sec-choosing-the-breakpoint`.
+    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch8-sec-choosing-the-breakpoint`,
+    :ref:`ch11-sec-where-the-quantizers-sit`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -78,6 +78,8 @@ def dorefa_weight(w: torch.Tensor, spec: QuantSpec, paper_grid: bool = False) ->
 
     >>> [round(v, 4) for v in dorefa_weight(torch.tensor([-3.0, 0.1, 3.0]), QuantSpec(2), paper_grid=True).tolist()]
     [-1.0, 0.3333, 1.0]
+
+    Used in :ref:`ch11-sec-the-algorithms`.
     """
     check_float_tensor(w, "w")
     _check_spec(spec)

@@ -87,6 +87,8 @@ def pact_quant(x: torch.Tensor, alpha, spec: QuantSpec, beta=None) -> torch.Tens
 
     >>> pact_quant(torch.tensor([-1.0, 1.3, 9.0]), 6.0, QuantSpec(2, signed=False, symmetric=False)).tolist()
     [0.0, 2.0, 6.0]
+
+    Used in :ref:`ch11-sec-the-algorithms`.
     """
     check_float_tensor(x, "x")
     lower, upper = pact_range(spec, alpha, beta)

@@ -131,6 +131,8 @@ def qil_weight(w: torch.Tensor, center, distance, gamma, bits: int, grad_scale: 
 
     >>> [round(v, 4) for v in qil_weight(torch.tensor([0.2, 0.9, -1.2, 5.0]), 1.0, 0.5, 1.0, 3).tolist()]
     [0.0, 0.3333, -0.6667, 1.0]
+
+    Used in :ref:`ch11-sec-the-algorithms`.
     """
     check_float_tensor(w, "w")
     bits = check_int(bits, "bits", 2, 16)

@@ -33,7 +33,8 @@ class QuantSpec:
 
     Used in :ref:`ch1-sec-uniform-and-non-uniform-grids`, :ref:`ch2-sec-the-affine-map`,
     :ref:`ch3-sec-why-the-range-matters-clipping`,
-    :ref:`ch6-sec-the-straight-through-estimator`, :ref:`ch8-sec-the-piecewise-grid`.
+    :ref:`ch6-sec-the-straight-through-estimator`, :ref:`ch8-sec-the-piecewise-grid`,
+    :ref:`ch11-sec-the-algorithms`.
     """
 
     bits: int = 8

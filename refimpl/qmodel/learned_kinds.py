@@ -62,7 +62,7 @@ class PACT(QuantizerKind):
     sites with a second Parameter ``beta`` (``PACT.beta_init`` = -6.0); the spec's grid over that
     range, ``qparams(lower, upper, spec)``. Gradient in α: Eq. 3 (1 where x >= α; -1 where
     x <= -α in the symmetric range), in β: 1 where x <= β; x straight-through inside the range.
-    In training mode α is replaced by |α| (floored at float32 eps) before each forward, as
+    In training mode α is replaced by abs(α) (floored at float32 eps) before each forward, as
     MQBench does, and β kept below α.
 
     Weights: DoReFa's (``refimpl.quant.dorefa_weight``, MQBench's min-max grid; "Weights are
@@ -188,7 +188,7 @@ class QIL(QuantizerKind):
     levels per sign (MQBench). c and d get the gradient scale 1/sqrt(numel q_max)
     (``lsq_grad_scale`` of the quantized tensor's numel, the batch included for activations, and
     the spec's q_max), MQBench's replacement for QIL's 0.01. In training mode c and d are
-    replaced by |c| and |d| and capped at max|x|/2 of the current input before each forward (d
+    replaced by abs(c) and abs(d) and capped at max|x|/2 of the current input before each forward (d
     floored at float32 eps), as MQBench does. Outputs are in normalised units. ``export`` raises
     TypeError; MQBench's 8-bit exception (a plain min-max grid at 8 bits) is not reproduced.
     """

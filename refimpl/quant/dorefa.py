@@ -52,7 +52,7 @@ def dorefa_normalize(w: torch.Tensor) -> torch.Tensor:
     Differentiable in w through tanh and the max (autograd: the max passes its gradient to the
     element that attains it). w: floating tensor, any shape; computed in float32 (float64 for
     float64). An all-zero w gives t = 0 (the max is floored at the smallest normal float; MQBench
-    adds 1e-5 to it instead, so its |t| stays just below 1). Returns w's shape and dtype, values
+    adds 1e-5 to it instead, so its abs(t) stays just below 1). Returns w's shape and dtype, values
     in [-1, 1] with max|t| = 1.
 
     >>> dorefa_normalize(torch.tensor([-2.0, 0.0, 1.0])).abs().max().item()

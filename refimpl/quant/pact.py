@@ -2,7 +2,7 @@
 Activation for Quantized Neural Networks", arXiv 1805.06085), as pure tensor math, with the
 signed ranges MQBench (Li et al. 2021) added.
 
-PACT replaces ReLU by a clip at a learned upper bound α (Eq. 1), y = 0.5(|x| - |x - α| + α) =
+PACT replaces ReLU by a clip at a learned upper bound α (Eq. 1), y = 0.5(abs(x) - abs(x - α) + α) =
 clip(x, 0, α), and quantizes y on 2^k levels (Eq. 2), y_q = round(y (2^k - 1)/α) α/(2^k - 1).
 With the straight-through estimator for the rounding, the gradient in α is Eq. 3:
 ∂y_q/∂α = 1 where x >= α, else 0; in x it is 1 inside (0, α) and 0 where clipped. The

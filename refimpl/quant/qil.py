@@ -4,7 +4,7 @@ math, as MQBench (Li et al. 2021) ran it.
 
 QIL learns an interval of magnitudes by its centre c and half-width d. A transformer maps
 values into [0, 1] (activations) or [-1, 1] (weights) and a uniform discretiser rounds them.
-With α = 0.5/d and β = -0.5 c/d + 0.5 (so α|w| + β is 0 at |w| = c - d and 1 at |w| = c + d),
+With α = 0.5/d and β = -0.5 c/d + 0.5 (so α abs(w) + β is 0 at abs(w) = c - d and 1 at abs(w) = c + d),
 the paper's weight transformer is ::
 
     ŵ = 0                              |w| < c - d      (pruned)

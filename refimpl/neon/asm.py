@@ -8,11 +8,13 @@ Subset accepted (anything else raises :class:`AsmError` naming the line and its 
 * vector registers ``v0.8b v0.16b v0.4h v0.8h v0.2s v0.4s v0.1d v0.2d``, elements ``v2.b[15]`` (index decimal or hex),
   ``v2.h[7]``, ``v2.s[3]``, ``v2.d[1]``, SDOT's group of four bytes ``v2.4b[3]``, SIMD scalars
   ``b0 h0 s0 d0``;
+* SIMD&FP registers as memory transfer registers ``q0``..``q31`` (LDR/STR/LDP/STP only);
 * general registers ``x0..x30``, ``w0..w30``, ``xzr``, ``wzr`` (no ``sp``);
 * immediates ``#5``, ``#-1``, ``#0x1f`` and a trailing ``lsl #n`` shift where the form takes one:
   ADD/SUB/SUBS/CMP ``#0..4095{, lsl #12}``; MOVI ``.8b/.16b #imm8``, ``.4h/.8h #imm8{, lsl #0|8}``,
-  ``.2s/.4s #imm8{, lsl #0|8|16|24}``, ``.2d #bytemask`` (the forms keystone 0.9.2 accepts; no
-  ``msl``, no scalar ``movi d0``, no ``lsl #0`` on the byte form); MOV ``#imm`` only where MOVZ or
+  ``.2s/.4s #imm8{, lsl #0|8|16|24}``, ``.2s/.4s #imm8, msl #8|16`` (shifting ones in),
+  ``.2d #bytemask`` (the forms keystone 0.9.2 accepts; no scalar ``movi d0``, no ``lsl #0`` on
+  the byte form); MOV ``#imm`` only where MOVZ or
   MOVN encodes it (one 16-bit chunk, or the complement of one), not bitmask immediates;
 * scalar ADD/SUB/SUBS/CMP register forms without a shift or extend;
 * UMOV ``w``/``.b .h .s``, ``x``/``.d`` (``mov`` alias for ``.s``/``.d``); INS from a general
@@ -28,10 +30,17 @@ Subset accepted (anything else raises :class:`AsmError` naming the line and its 
   ``.2s/.4s <- .2d`` and scalar ``b <- h``, ``h <- s``, ``s <- d``; XTN/XTN2 vector only (the
   ISA has no scalar XTN). Not in: the unsigned/accumulating/narrowing shift variants (USHR,
   SSRA, SHRN, ...), SQSHL, UDOT, SQRDMLAH, and the saturation flag FPSR.QC (not modelled);
-* memory operands (base ``x0..x30``; no ``sp``): LDR/STR ``x``/``w`` with ``[xN]``,
-  ``[xN, #imm]`` (unsigned offset, a multiple of the access size up to 4095 times it),
-  pre-index ``[xN, #imm]!`` and post-index ``[xN], #imm`` (imm -256..255; the transfer register
-  may not be the base); LD1/ST1 with a list of 1-4 consecutive registers of one arrangement
+* memory operands (base ``x0..x30``; no ``sp``): LDR/STR of ``x``/``w`` and of the SIMD&FP
+  registers ``q``/``d``/``s``/``h``/``b`` (``q0``..``q31``: all 128 bits; loading ``d``/``s``/
+  ``h``/``b`` zeroes the rest of the vector register) with ``[xN]``, ``[xN, #imm]`` (unsigned
+  offset, a multiple of the access size up to 4095 times it; unscaled LDUR offsets are not
+  accepted), pre-index ``[xN, #imm]!`` and post-index ``[xN], #imm`` (imm -256..255; an x/w
+  transfer register may not be the written-back base, which the ISA leaves UNPREDICTABLE) and
+  register offset ``[xN, xM]`` / ``[xN, xM, lsl #k]`` (M 0..30, k 0 or log2 of the access size;
+  ``b`` only ``lsl #0``; no ``w`` index with an extend); LDP/STP of ``q``/``d``/``s`` pairs with
+  ``[xN{, #imm}]``, ``[xN, #imm]!`` and ``[xN], #imm`` (imm a multiple of the register size in
+  -64..63 times it; LDP with the same register twice is UNPREDICTABLE and rejected); LD1/ST1
+  with a list of 1-4 consecutive registers of one arrangement
   (``{v31.4s, v0.4s}`` wraps), ``[xN]``, ``[xN], #size`` (size = bytes transferred, as the ISA
   requires) or ``[xN], xM``; LD1R with one register, the same addressing (size = one element).
 
@@ -79,7 +88,8 @@ class VElem:
 
 @dataclass(frozen=True)
 class SReg:
-    """SIMD&FP scalar register ``b0``/``h0``/``s0``/``d0``."""
+    """SIMD&FP scalar register ``b0``/``h0``/``s0``/``d0``, or ``q0`` (the whole 128-bit
+    register; only as the transfer register of LDR/STR/LDP/STP)."""
     n: int
     size: str
 
@@ -103,8 +113,10 @@ class Imm:
 
 @dataclass(frozen=True)
 class Shift:
-    """``lsl #amount`` trailing an immediate."""
+    """``lsl #amount`` trailing an immediate, or with ``kind`` "msl" MOVI's ``msl #amount``
+    (shift left, shifting ones in)."""
     amount: int
+    kind: str = "lsl"
 
 
 @dataclass(frozen=True)
@@ -125,11 +137,13 @@ class VList:
 @dataclass(frozen=True)
 class Mem:
     """Memory operand on base ``x<base>``: mode "off" (``[xN]``, ``[xN, #imm]``), "pre"
-    (``[xN, #imm]!``) or "post" (``[xN], #imm``, or ``[xN], xM`` with ``reg`` = M)."""
+    (``[xN, #imm]!``), "post" (``[xN], #imm``, or ``[xN], xM`` with ``reg`` = M) or "reg"
+    (register offset ``[xN, xM{, lsl #shift}]``: address xN + (xM << shift), no writeback)."""
     base: int
     imm: int = 0
     mode: str = "off"
     reg: int | None = None
+    shift: int = 0
 
 
 @dataclass(frozen=True)
@@ -205,7 +219,7 @@ FORMS: dict[str, list[tuple]] = {
     "addv": [("b", "v.8b"), ("b", "v.16b"), ("h", "v.4h"), ("h", "v.8h"), ("s", "v.4s")],
     "movi": [("v.8b", "#"), ("v.16b", "#"), ("v.4h", "#"), ("v.8h", "#"), ("v.4h", "#", "lsl"),
              ("v.8h", "#", "lsl"), ("v.2s", "#"), ("v.4s", "#"), ("v.2s", "#", "lsl"),
-             ("v.4s", "#", "lsl"), ("v.2d", "#")],
+             ("v.4s", "#", "lsl"), ("v.2s", "#", "msl"), ("v.4s", "#", "msl"), ("v.2d", "#")],
     "dup": [("v." + a, "e." + a[-1]) for a in _ALL]
            + [("v." + a, "w") for a in _BHS] + [("v.2d", "x")],
     "mov": [("r", "r"), ("r", "#"), ("w", "e.s"), ("x", "e.d")] + _INS,  # UMOV/INS aliases
@@ -214,8 +228,10 @@ FORMS: dict[str, list[tuple]] = {
     "ext": [("v.8b", "v.8b", "v.8b", "#"), ("v.16b", "v.16b", "v.16b", "#")],
     "subs": [("r", "rn", "#"), ("r", "rn", "#", "lsl"), ("r", "r", "r")],  # Rd 31 is zr here
     "cmp": [("rn", "#"), ("rn", "#", "lsl"), ("r", "r")],
-    "ldr": [("r", "mem")],
-    "str": [("r", "mem")],
+    "ldr": [("r", "mem")] + [(s, "mem") for s in "qdshb"],
+    "str": [("r", "mem")] + [(s, "mem") for s in "qdshb"],
+    "ldp": [(s, s, "mem") for s in "qds"],
+    "stp": [(s, s, "mem") for s in "qds"],
     "ld1": [("l." + a, "mem") for a in ARRANGEMENTS],
     "st1": [("l." + a, "mem") for a in ARRANGEMENTS],
     "ld1r": [("l." + a, "mem") for a in ARRANGEMENTS],
@@ -239,14 +255,16 @@ FORMS: dict[str, list[tuple]] = {
 FORMS.update({"b." + c: [("label",)] for c in CONDITIONS})
 BRANCHES = frozenset(m for m in FORMS if m == "b" or m.startswith("b.") or m in ("cbz", "cbnz"))
 
-_MEMORY = frozenset(("ldr", "str", "ld1", "st1", "ld1r"))
+_MEMORY = frozenset(("ldr", "str", "ldp", "stp", "ld1", "st1", "ld1r"))
+_PAIRS = frozenset(("ldp", "stp"))
+_SIMD_BYTES = {"b": 1, "h": 2, "s": 4, "d": 8, "q": 16}   # transfer size of a SIMD&FP register
 _IDENT = r"[A-Za-z_.$][A-Za-z0-9_.$]*"
 _RE_V = re.compile(r"v(\d+)\.(\d+[bhsd])$")
 _RE_E = re.compile(r"v(\d+)\.(4b|[bhsd])\[(0x[0-9a-f]+|\d+)\]$")
-_RE_S = re.compile(r"([bhsd])(\d+)$")
+_RE_S = re.compile(r"([bhsdq])(\d+)$")
 _RE_G = re.compile(r"([xw])(\d+)$")
 _RE_IMM = re.compile(r"#(-?(?:0x[0-9a-f]+|\d+))$")
-_RE_LSL = re.compile(r"lsl\s+#(\d+)$")
+_RE_LSL = re.compile(r"(lsl|msl)\s+#(\d+)$")
 _RE_LABEL = re.compile(_IDENT + "$")
 
 
@@ -272,7 +290,7 @@ def _operand(tok: str, err):
         val = int(digits, 16) if digits.startswith("0x") else int(digits)
         return Imm(-val if m[1].startswith("-") else val)
     if m := _RE_LSL.match(t):
-        return Shift(int(m[1]))
+        return Shift(int(m[2]), m[1])
     err(f"bad operand {tok!r}")
 
 
@@ -293,7 +311,9 @@ def _token(op) -> str:
         return "x" if op.is64 else "w"
     if isinstance(op, VList):
         return "l." + op.arr
-    return {Imm: "#", Shift: "lsl", Label: "label", Mem: "mem"}[type(op)]
+    if isinstance(op, Shift):
+        return op.kind
+    return {Imm: "#", Label: "label", Mem: "mem"}[type(op)]
 
 
 def _matches(ops, form) -> bool:
@@ -316,7 +336,7 @@ def _matches(ops, form) -> bool:
 def _check_imm(mn, ops, err):
     """Immediate ranges of the forms (ARM ARM: ADD/SUB/SUBS (immediate), MOVI, MOV aliases,
     SSHR/SRSHR)."""
-    if mn in ("ldr", "str", "ld1", "st1", "ld1r"):
+    if mn in _MEMORY:
         return _check_mem(mn, ops, err)
     imm = next((o.value for o in ops if isinstance(o, Imm)), None)
     sh = next((o.amount for o in ops if isinstance(o, Shift)), 0)
@@ -333,6 +353,9 @@ def _check_imm(mn, ops, err):
                 err("MOVI .2d immediate must have every byte 0x00 or 0xff")
         elif not 0 <= imm <= 255:
             err("MOVI immediate must be 0..255")
+        elif any(isinstance(o, Shift) and o.kind == "msl" for o in ops):
+            if sh not in (8, 16):
+                err("MOVI msl shift must be #8 or #16")
         elif sh not in {1: (0,), 2: (0, 8), 4: (0, 8, 16, 24)}[ARRANGEMENTS[arr][0]]:
             err("MOVI shift not allowed for this arrangement")
     elif mn in ("sshr", "srshr"):
@@ -351,20 +374,39 @@ def _check_imm(mn, ops, err):
 
 
 def _check_mem(mn, ops, err):
-    """Addressing modes and offsets (ARM ARM: LDR/STR (immediate), LD1/ST1 (multiple
-    structures), LD1R)."""
-    what, mem = ops
-    if mn in ("ldr", "str"):
-        size = 8 if what.is64 else 4
+    """Addressing modes and offsets (ARM ARM: LDR/STR (immediate, register; SIMD&FP too),
+    LDP/STP (SIMD&FP), LD1/ST1 (multiple structures), LD1R)."""
+    *regs, mem = ops
+    what = regs[0]
+    if mn in ("ldr", "str", "ldp", "stp"):
+        size = (8 if what.is64 else 4) if isinstance(what, GReg) else _SIMD_BYTES[what.size]
         if mem.mode == "post" and mem.reg is not None:
-            err("LDR/STR register post-index is not an AArch64 addressing mode")
+            err(f"{mn.upper()} register post-index is not an AArch64 addressing mode "
+                "(allowed: [xN], [xN, #imm], [xN, #imm]!, [xN], #imm"
+                + (")" if mn in _PAIRS else ", [xN, xM{, lsl #k}])"))
+        if mn in _PAIRS:
+            if mem.mode == "reg":
+                err(f"{mn.upper()} has no register offset (allowed: [xN], [xN, #imm], "
+                    "[xN, #imm]!, [xN], #imm)")
+            if not (-64 * size <= mem.imm <= 63 * size and mem.imm % size == 0):
+                err(f"{mn.upper()} offset must be a multiple of {size} in "
+                    f"{-64 * size}..{63 * size}")
+            if mn == "ldp" and regs[0].n == regs[1].n:
+                err("LDP with the same transfer register twice is UNPREDICTABLE")
+            return
+        if mem.mode == "reg":
+            ok = (0,) if size == 1 else (0, size.bit_length() - 1)
+            if mem.shift not in ok:
+                err(f"register offset shift must be lsl #{' or #'.join(map(str, ok))} "
+                    f"for a {size}-byte access")
         if mem.mode == "off" and not (0 <= mem.imm <= 4095 * size and mem.imm % size == 0):
             err(f"offset must be a multiple of {size} in 0..{4095 * size}")
-        if mem.mode != "off":
+        if mem.mode in ("pre", "post"):
             if not -256 <= mem.imm <= 255:
                 err("pre/post-index offset must be -256..255")
-            if not what.zr and what.n == mem.base:
-                err("transfer register must differ from a written-back base")
+            if isinstance(what, GReg) and not what.zr and what.n == mem.base:
+                err("transfer register must differ from a written-back base "
+                    "(UNPREDICTABLE in the ISA)")
         return
     e, lanes_ = ARRANGEMENTS[what.arr]
     if mn == "ld1r":
@@ -373,13 +415,13 @@ def _check_mem(mn, ops, err):
         size = e
     else:
         size = e * lanes_ * what.count
-    if mem.mode == "pre" or (mem.mode == "off" and mem.imm != 0):
+    if mem.mode in ("pre", "reg") or (mem.mode == "off" and mem.imm != 0):
         err(f"{mn.upper()} addressing is [xN], [xN], #imm or [xN], xM")
     if mem.mode == "post" and mem.reg is None and mem.imm != size:
         err(f"post-index immediate must equal the transfer size {size}")
 
 
-_RE_MEM = re.compile(r"\[\s*(\w+)\s*(?:,\s*(#[^\]]*?))?\s*\](!?)$")
+_RE_MEM = re.compile(r"\[\s*(\w+)\s*(?:,\s*([^\]]*?))?\s*\](!?)$")
 
 
 def _split(rest, err):
@@ -410,10 +452,13 @@ def _base(tok, err):
     return g.n
 
 
-def _mem_operands(toks, err):
-    """Operands of a memory instruction: register/list, memory operand (+ post-index)."""
-    if len(toks) not in (2, 3):
-        err("expected a register or list, an address and an optional post-index")
+def _mem_operands(mn, toks, err):
+    """Operands of a memory instruction: register or list (two registers for LDP/STP), memory
+    operand (+ post-index)."""
+    nregs = 2 if mn in _PAIRS else 1
+    if len(toks) not in (nregs + 1, nregs + 2):
+        err("expected " + ("two registers" if nregs == 2 else "a register or list")
+            + ", an address and an optional post-index")
     first = toks[0]
     if first.startswith("{"):
         if not first.endswith("}"):
@@ -425,31 +470,46 @@ def _mem_operands(toks, err):
             err(f"mixed arrangements in register list {first!r}")
         if any(r.n != (regs[0].n + i) % 32 for i, r in enumerate(regs)):
             err(f"registers in list {first!r} are not consecutive")
-        what = VList(regs[0].n, len(regs), regs[0].arr)
+        what = [VList(regs[0].n, len(regs), regs[0].arr)]
     else:
-        what = _operand(first, err)
+        what = [_operand(t, err) for t in toks[:nregs]]
+    toks = toks[nregs - 1:]
     m = _RE_MEM.match(toks[1].lower())
     if not m:
         err(f"bad memory operand {toks[1]!r}")
     base = _base(m[1], err)
-    imm = 0
+    imm, index, shift = 0, None, 0
     if m[2] is not None:
-        o = _operand(m[2], err)
-        if not isinstance(o, Imm):
-            err(f"bad offset {m[2]!r}")
-        imm = o.value
+        if m[2].startswith("#"):
+            o = _operand(m[2], err)
+            if not isinstance(o, Imm):
+                err(f"bad offset {m[2]!r}")
+            imm = o.value
+        else:  # register offset: xM{, lsl #k}
+            parts = [p.strip() for p in m[2].split(",")]
+            o = _operand(parts[0], err)
+            if not isinstance(o, GReg) or not o.is64 or o.zr or len(parts) > 2:
+                err(f"bad offset {m[2]!r} (allowed: #imm, xM, xM, lsl #k with M 0..30)")
+            index = o.n
+            if len(parts) == 2:
+                sh = _operand(parts[1], err)
+                if not isinstance(sh, Shift) or sh.kind != "lsl":
+                    err(f"bad offset {m[2]!r} (allowed: #imm, xM, xM, lsl #k with M 0..30)")
+                shift = sh.amount
     if len(toks) == 3:
         if m[3] or m[2] is not None:
             err("post-index needs a plain [xN]")
         o = _operand(toks[2], err)
         if isinstance(o, Imm):
-            return [what, Mem(base, o.value, "post")]
+            return what + [Mem(base, o.value, "post")]
         if isinstance(o, GReg) and o.is64 and not o.zr:
-            return [what, Mem(base, 0, "post", o.n)]
+            return what + [Mem(base, 0, "post", o.n)]
         err(f"bad post-index {toks[2]!r}")
-    if m[3] and m[2] is None:
-        err("pre-index needs an offset")
-    return [what, Mem(base, imm, "pre" if m[3] else "off")]
+    if m[3] and (m[2] is None or index is not None):
+        err("pre-index needs an offset #imm")
+    if index is not None:
+        return what + [Mem(base, 0, "reg", index, shift)]
+    return what + [Mem(base, imm, "pre" if m[3] else "off")]
 
 
 def mov_wide(imm, bits):
@@ -494,7 +554,7 @@ def parse(text: str) -> list[Instruction]:
             if any(not t for t in toks):
                 err("empty operand")
             if mn in _MEMORY:
-                ops = _mem_operands(toks, err)
+                ops = _mem_operands(mn, toks, err)
             elif mn in BRANCHES and toks:
                 if not _RE_LABEL.match(toks[-1]):
                     err(f"bad label {toks[-1]!r}")

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .asm import (ARRANGEMENTS, ELEM_BYTES, AsmError, GReg, Imm, Instruction, Shift, VElem, VReg,
-                  mov_wide, parse)
+from .asm import (ARRANGEMENTS, ELEM_BYTES, AsmError, GReg, Imm, Instruction, Shift, SReg, VElem,
+                  VReg, mov_wide, parse)
 from .timing import Timer
 
 __all__ = ["Machine", "RunStats", "CORES", "CORE_FEATURES", "FEATURES", "INSTRUCTION_FEATURES",
@@ -189,12 +189,17 @@ class Machine:
                          bool((a ^ b) & (a ^ res) & sign))
         self._set(d, res)
 
-    # ---- memory (C6 LDR/STR (immediate); C7 LD1/ST1 (multiple structures), LD1R) -----------
+    # ---- memory (C6 LDR/STR (immediate, register); C7 LDR/STR/LDP/STP (SIMD&FP), LD1/ST1
+    # (multiple structures), LD1R) -------------------------------------------------------------
     def _addr(self, mem, size: int) -> int:
-        """Access address of ``mem`` (bounds-checked for ``size`` bytes); performs writeback."""
+        """Access address of ``mem`` (bounds-checked for ``size`` bytes); performs writeback.
+        No alignment check: unaligned accesses to normal memory are allowed (as on QEMU)."""
         base = int(self.x[mem.base])
-        addr = (base + mem.imm) & 0xFFFFFFFFFFFFFFFF if mem.mode == "pre" else \
-            (base + (mem.imm if mem.mode == "off" else 0)) & 0xFFFFFFFFFFFFFFFF
+        if mem.mode == "reg":
+            off = int(self.x[mem.reg]) << mem.shift
+        else:
+            off = mem.imm if mem.mode in ("off", "pre") else 0
+        addr = (base + off) & 0xFFFFFFFFFFFFFFFF
         if addr + size > self.mem.size:
             ins = self._ins
             raise IndexError(f"line {ins.line}: address {addr:#x}..{addr + size - 1:#x} outside "
@@ -293,9 +298,11 @@ def _addv(m, d, n):  # ADDV: the sum wraps to the element size, written to a sca
     m._write(d.n, ELEM_BYTES[d.size], [m._src(n).sum()])
 
 
-def _movi(m, d, imm: Imm, sh=None):  # MOVI (8-bit shifted immediates; 64-bit byte mask)
+def _movi(m, d, imm: Imm, sh=None):  # MOVI (8-bit shifted immediates, msl; 64-bit byte mask)
     e, count = ARRANGEMENTS[d.arr]
     val = imm.value << (sh.amount if sh else 0)
+    if sh is not None and sh.kind == "msl":  # ones shifted in: imm8:Ones(amount)
+        val |= (1 << sh.amount) - 1
     if e == 8:  # the byte mask as a signed 64-bit lane value
         val = val - (1 << 64) if val >= 1 << 63 else val
     m._write(d.n, e, [val] * count)
@@ -311,17 +318,60 @@ def _dup(m, d, s):  # DUP (element), DUP (general): the general register's low b
     m._write(d.n, e, [val] * count)
 
 
-def _ldr(m, t, mem):  # LDR (immediate), w-form zero-extends
+def _simd_bytes(t: SReg) -> int:  # transfer size of q/d/s/h/b
+    return 16 if t.size == "q" else ELEM_BYTES[t.size]
+
+
+def _load_simd(m, t: SReg, data) -> None:
+    """Write ``data`` (uint8, the register's size) to the low bytes of ``t``'s vector register;
+    the rest of the 128 bits become zero (writing a d/s/h/b register zeroes the rest)."""
+    reg = np.zeros(16, np.uint8)
+    reg[:data.size] = data
+    m.v[t.n] = reg
+
+
+def _ldr(m, t, mem):
+    """LDR (immediate, register; general and SIMD&FP): x/w (w zero-extends to x) or q/d/s/h/b
+    (zeroing the rest of the vector register)."""
+    if isinstance(t, SReg):
+        size = _simd_bytes(t)
+        a = m._addr(mem, size)
+        return _load_simd(m, t, m.mem[a:a + size])
     size = 8 if t.is64 else 4
     a = m._addr(mem, size)
     m._set(t, int.from_bytes(m.mem[a:a + size].tobytes(), "little"))
 
 
-def _str(m, t, mem):  # STR (immediate)
+def _str(m, t, mem):
+    """STR (immediate, register; general and SIMD&FP): the register's low ``size`` bytes."""
+    if isinstance(t, SReg):
+        size = _simd_bytes(t)
+        data = m.v[t.n][:size].copy()
+        a = m._addr(mem, size)
+        m.mem[a:a + size] = data
+        return
     size = 8 if t.is64 else 4
     val = m._get(t)  # read before writeback (Rt != Rn is enforced by the parser)
     a = m._addr(mem, size)
     m.mem[a:a + size] = np.frombuffer(val.to_bytes(size, "little"), np.uint8)
+
+
+def _ldp(m, t1, t2, mem):
+    """LDP (SIMD&FP): two q/d/s registers from consecutive memory, ``t1`` at the lower address
+    (each zeroes the rest of its vector register; ``t1 == t2`` is rejected by the parser)."""
+    size = _simd_bytes(t1)
+    a = m._addr(mem, 2 * size)
+    data = m.mem[a:a + 2 * size].copy()
+    _load_simd(m, t1, data[:size])
+    _load_simd(m, t2, data[size:])
+
+
+def _stp(m, t1, t2, mem):
+    """STP (SIMD&FP): two q/d/s registers to consecutive memory, ``t1`` at the lower address."""
+    size = _simd_bytes(t1)
+    data = np.concatenate([m.v[t1.n][:size], m.v[t2.n][:size]])
+    a = m._addr(mem, 2 * size)
+    m.mem[a:a + 2 * size] = data
 
 
 def _ld1(m, lst, mem):  # LD1 (multiple structures): consecutive registers, 64-bit forms zero top
@@ -474,7 +524,7 @@ def _xtn(m, d, n):
     _narrow(m, d, n, lambda x, bits: x)
 
 
-_MEMORY = {"ldr": _ldr, "str": _str, "ld1": _ld1, "st1": _st1, "ld1r": _ld1r}
+_MEMORY = {"ldr": _ldr, "str": _str, "ldp": _ldp, "stp": _stp, "ld1": _ld1, "st1": _st1, "ld1r": _ld1r}
 
 _VECTOR = {"add": _add, "sub": _sub, "mul": _mul, "mla": _mla, "mls": _mls, "smax": _smax,
            "smin": _smin, "addp": _addp, "smull": _smull, "smull2": _smull, "smlal": _smlal,

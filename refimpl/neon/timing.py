@@ -47,7 +47,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-from .asm import ARRANGEMENTS, GReg, Instruction, Mem, SReg, VElem, VList, VReg, parse
+from .asm import ARRANGEMENTS, ELEM_BYTES, GReg, Instruction, Mem, SReg, VElem, VList, VReg, parse
 
 __all__ = ["Timer", "CoreModel", "Entry", "CORE_MODELS", "reads_writes", "steady_state_cycles",
            "full_run_cycles",
@@ -74,8 +74,8 @@ _READS_DEST = ACCUMULATING | {"ins", "sqxtn2", "sqxtun2", "xtn2"}
 def reads_writes(ins: Instruction) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Registers an instruction reads and writes: names ``v0``..``v31``, ``x0``..``x30`` (w-forms
     name their x register; zr is omitted) and ``nzcv`` for the flags. Derived from the operands
-    (ARM ARM DDI 0487 C6/C7 semantics): LD1/LD1R write their list and, written back, their base;
-    stores read their data; MLA/MLS/SMLAL(2)/SADALP/SDOT/INS/SQXTN2/SQXTUN2/XTN2 read their
+    (ARM ARM DDI 0487 C6/C7 semantics): LDR/LDP/LD1/LD1R write their registers and, written
+    back, their base; a register offset's index is read; stores read their data; MLA/MLS/SMLAL(2)/SADALP/SDOT/INS/SQXTN2/SQXTUN2/XTN2 read their
     destination; SUBS/CMP write the flags and B.cond reads them."""
     mn, ops = ins.mnemonic, ins.operands
     reads: list[str] = []
@@ -91,15 +91,17 @@ def reads_writes(ins: Instruction) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return (FLAGS,), ()
     if mn in ("cbz", "cbnz"):
         return tuple(x for x in (_gname(ops[0]),) if x), ()
-    if ops and isinstance(ops[-1], Mem) or (len(ops) > 1 and isinstance(ops[1], Mem)):
-        what, mem = ops[0], ops[1]
+    if ops and isinstance(ops[-1], Mem):
+        *what, mem = ops
         add(reads, f"x{mem.base}")
         if mem.reg is not None:
             add(reads, f"x{mem.reg}")
-        regs = ([f"v{(what.n + i) % 32}" for i in range(what.count)] if isinstance(what, VList)
-                else [_gname(what)])
+        regs = []
+        for t in what:
+            regs += ([f"v{(t.n + i) % 32}" for i in range(t.count)] if isinstance(t, VList)
+                     else [_vname(t)] if isinstance(t, SReg) else [_gname(t)])
         for r in regs:
-            add(writes if mn in ("ldr", "ld1", "ld1r") else reads, r)
+            add(writes if mn in ("ldr", "ldp", "ld1", "ld1r") else reads, r)
         if mem.mode in ("pre", "post"):
             add(writes, f"x{mem.base}")
         return tuple(reads), tuple(writes)
@@ -139,10 +141,16 @@ _KLASS = {"mul": "mul", "sqdmulh": "mul", "sqrdmulh": "mul", "mla": "mla", "mls"
 
 def klass(ins: Instruction) -> str:
     """Timing class of an instruction (the row of the guides' tables it falls in), e.g. ``"mla"``,
-    ``"int"`` (scalar ALU), ``"ld1"``; raises ``ValueError`` for a mnemonic outside the model."""
+    ``"int"`` (scalar ALU), ``"ld1"``; raises ``ValueError`` for a mnemonic outside the model.
+
+    LDR/STR of a SIMD&FP register (q/d/s/h/b) and LDP/STP (q/d/s) are vector loads/stores of
+    the same bytes as an LD1/ST1 of one (two) registers, so they take the ``"ld1"``/``"st1"``
+    class and its bytes-scaled rule (:meth:`CoreModel.entry`)."""
     mn, ops = ins.mnemonic, ins.operands
     if mn.startswith("b."):
         return "branch"
+    if mn in ("ldp", "stp") or mn in ("ldr", "str") and isinstance(ops[0], SReg):
+        return "ld1" if mn.startswith("ld") else "st1"
     if mn in ("add", "sub"):
         return "int" if isinstance(ops[0], GReg) else "alu"
     if mn == "mov":
@@ -168,10 +176,16 @@ def _is_q(ins: Instruction) -> bool:
     return False
 
 
-def _mem_bytes(ins: Instruction) -> int:
-    lst = ins.operands[0]
+def _mem_shape(ins: Instruction) -> tuple[int, int]:
+    """(bytes moved, registers transferred) of a vector load/store (LD1/ST1/LD1R, or LDR/STR/
+    LDP/STP of SIMD&FP registers)."""
+    ops = ins.operands
+    if isinstance(ops[0], SReg):
+        regs = len(ops) - 1
+        return (16 if ops[0].size == "q" else ELEM_BYTES[ops[0].size]) * regs, regs
+    lst = ops[0]
     e, n = ARRANGEMENTS[lst.arr]
-    return e if ins.mnemonic == "ld1r" else e * n * lst.count
+    return (e if ins.mnemonic == "ld1r" else e * n * lst.count), lst.count
 
 
 # ---- core tables -----------------------------------------------------------------------------
@@ -225,10 +239,9 @@ class CoreModel:
     def _mem(self, k, ins):
         """Vector loads/stores scale with the bytes moved; the per-core rule is in ``rows``."""
         d, q = self.rows[k]
-        nbytes = _mem_bytes(ins)
+        nbytes, regs = _mem_shape(ins)
         if k == "ld1r":
             return d
-        regs = ins.operands[0].count
         return self.mem_rule(k, nbytes, regs, d, q)
 
     def mem_rule(self, k, nbytes, regs, d, q):

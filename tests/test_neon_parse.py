@@ -37,6 +37,8 @@ def test_operand_kinds():
     assert ops("mov x1, #0x1f")[1] == Imm(31)
     assert ops("mov x1, #-1")[1] == Imm(-1)
     assert ops("movi v0.4s, #0xab, lsl #24")[1:] == (Imm(0xAB), Shift(24))
+    assert ops("movi v0.2s, #0xab, MSL #16")[1:] == (Imm(0xAB), Shift(16, "msl"))
+    assert ops("ldr q7, [x0]")[0] == SReg(7, "q")
     assert ops("add x0, x1, #1, lsl #12")[2:] == (Imm(1), Shift(12))
     assert ops("movi v0.2d, #0xff00ff00ff00ff00")[1] == Imm(0xFF00FF00FF00FF00)
     assert ops("sdot v0.2s, v1.8b, v31.4b[0x3]") == (VReg(0, "2s"), VReg(1, "8b"), VElem(31, "4b", 3))

@@ -41,6 +41,13 @@ def run(text, core):
     ("ld1 {v2.8b}, [x1], x5", {"x1", "x5"}, {"v2", "x1"}),
     ("st1 {v6.16b}, [x1], #16", {"v6", "x1"}, {"x1"}),
     ("ldr x4, [x2, #8]", {"x2"}, {"x4"}),
+    ("ldr q4, [x2], #16", {"x2"}, {"v4", "x2"}),
+    ("ldr d4, [x2, x3, lsl #3]", {"x2", "x3"}, {"v4"}),
+    ("str q4, [x2, #-16]!", {"x2", "v4"}, {"x2"}),
+    ("str w4, [x2, x3]", {"x2", "x3", "x4"}, set()),
+    ("ldp q0, q1, [x2], #32", {"x2"}, {"v0", "v1", "x2"}),
+    ("stp s5, s6, [x2, #8]", {"x2", "v5", "v6"}, set()),
+    ("movi v1.4s, #1, msl #8", set(), {"v1"}),
     ("mla v0.8h, v1.8h, v2.h[3]", {"v0", "v1", "v2"}, {"v0"}),
     ("mul v0.8h, v1.8h, v2.8h", {"v1", "v2"}, {"v0"}),
     ("smlal2 v8.8h, v0.16b, v2.16b", {"v8", "v0", "v2"}, {"v8"}),
@@ -186,6 +193,53 @@ def test_stall_causes():
     assert t.stalls["operand"] == 5 and t.cycles == 7  # MUL Q-form 5, ADD 2
     t = run("\n".join(f"add x{i}, x{i}, #1" for i in range(5)), "cortex-a76")
     assert t.stalls["issue_width"] == 1
+
+
+# LDR/STR of SIMD&FP registers and LDP/STP are timed as the LD1/ST1 that moves the same bytes
+# in as many registers (timing.klass); MOVI msl as MOVI lsl
+SAME_AS = [
+    ("ldr q0, [x0]", "ld1 {v0.16b}, [x0]"),
+    ("ldr q0, [x0], #16", "ld1 {v0.16b}, [x0], #16"),
+    ("ldr q0, [x0, #32]!", "ld1 {v0.16b}, [x0], #16"),
+    ("ldr q0, [x0, x1, lsl #4]", "ld1 {v0.16b}, [x0], x1"),     # both read x1; no writeback
+    ("ldr d0, [x0, #8]", "ld1 {v0.8b}, [x0]"),
+    ("ldr b0, [x0, #1]", "ld1 {v0.8b}, [x0]"),
+    ("str q0, [x0, #16]", "st1 {v0.16b}, [x0]"),
+    ("str s0, [x0], #4", "st1 {v0.2s}, [x0], #8"),
+    ("ldp q0, q1, [x0]", "ld1 {v0.16b, v1.16b}, [x0]"),
+    ("ldp q0, q1, [x0], #32", "ld1 {v0.16b, v1.16b}, [x0], #32"),
+    ("ldp d0, d1, [x0, #16]", "ld1 {v0.8b, v1.8b}, [x0]"),
+    ("stp q0, q1, [x0, #-32]!", "st1 {v0.16b, v1.16b}, [x0], #32"),
+    ("movi v0.4s, #1, msl #8", "movi v0.4s, #1, lsl #8"),
+    ("movi v0.2s, #1, msl #16", "movi v0.2s, #1, lsl #16"),
+]
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize("text, like", SAME_AS)
+def test_simd_transfers_timed_as_ld1_st1(core, text, like):
+    if "ldr q0, [x0, x1" in text:   # register offset: no writeback micro-op, unlike LD1's
+        assert CORE_MODELS[core].entry(one(text)) == CORE_MODELS[core].entry(one("ld1 {v0.16b}, [x0]"))
+        return
+    assert CORE_MODELS[core].entry(one(text)) == CORE_MODELS[core].entry(one(like))
+    assert timing.klass(one(text)) == timing.klass(one(like))
+    body = f"{text}\nadd v2.4s, v0.4s, v0.4s"
+    assert run(body, core).cycles == run(f"{like}\nadd v2.4s, v0.4s, v0.4s", core).cycles
+
+
+def test_simd_transfer_costs():
+    # A55: a q load is 2 cycles of the 64-bit load path, issues alone, latency 4; LDP q 4 and 6
+    e = CORE_MODELS["cortex-a55"].entry(one("ldr q0, [x0]"))
+    assert (e.lat, e.uops) == (4, ((("LD",), 2),))
+    e = CORE_MODELS["cortex-a55"].entry(one("ldp q0, q1, [x0]"))
+    assert (e.lat, e.uops) == (6, ((("LD",), 4),))
+    assert steady_state_cycles("ldr q0, [x0], #16", "cortex-a55") == 2
+    assert steady_state_cycles("ldr d0, [x0], #8", "cortex-a55") == 1
+    # A72: one L micro-op per register, latency 5 (1-2 registers)
+    e = CORE_MODELS["cortex-a72"].entry(one("ldp q0, q1, [x0]"))
+    assert e.lat == 5 and len(e.uops) == 2
+    # A76: two load pipes, so two independent q loads a cycle
+    assert steady_state_cycles("ldr q0, [x0]\nldr q1, [x1]", "cortex-a76") == 1
 
 
 def test_ooo_dispatch_counts_micro_ops():

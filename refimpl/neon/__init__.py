@@ -1,8 +1,9 @@
 """refimpl.neon: an AArch64 NEON integer simulator (numpy only; no torch).
 
 :mod:`refimpl.neon.asm` parses a documented subset of GNU ``as`` AArch64 syntax (vector integer
-ops, element moves, LD1/ST1/LD1R and LDR/STR on a flat memory, scalar loop control),
-:class:`Machine` executes it bit-exactly (checked against QEMU via unicorn in the tests), and
+ops, element moves, LD1/ST1/LD1R, LDR/STR (x, w, q, d, s, h, b) and LDP/STP (q, d, s) on a flat
+memory, scalar loop control), :class:`Machine` executes it bit-exactly (checked against QEMU via
+unicorn in the tests), and
 :func:`max_accumulations` bounds accumulator headroom. :mod:`refimpl.neon.timing` counts cycles
 per core (``Machine.run(...).cycles``, :func:`steady_state_cycles`). Instructions from
 architecture extensions (SDOT) run only on cores that have them (:data:`CORE_FEATURES`); others

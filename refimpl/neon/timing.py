@@ -27,6 +27,17 @@ instructions read their destination; where the guide gives an accumulate latency
 parentheses (e.g. ``4(1)``), a dependent accumulation from a similar micro-op sees that shorter
 latency (late forwarding of the accumulator).
 
+SIMD&FP LDR/STR (q/d/s/h/b, any addressing mode) and LDP/STP (q/d/s) get no rows of their own:
+they move the same bytes over the same load/store path as an LD1/ST1 of one (two) registers, so
+:func:`klass` files them under ``"ld1"``/``"st1"`` and the bytes-scaled rule of each core applies
+(A55/A53: 64 bits a cycle of the load path, a 128-bit load issues alone; A72/A76: one load
+micro-op per register). No new latency is introduced. Cross-check with llvm-mca-19
+``-instruction-info`` (LLVM's scheduling models): equal for LDR b/h/s/d (A55 3; A57 and N1 5)
+and for LDR q on A57/N1 (5) and LDP q on A55 (6); LLVM differs for LDR q on A55 (3, one load
+cycle; the LD1 rule here, from ncnn's and onnxruntime's measurements, gives 4 and two cycles),
+LDR with a register offset (A55 4, A57/N1 6 for q; here 3/4 and 5) and LDP q on A57/N1 (6/7;
+here 5). MOVI ``msl`` has MOVI's row (LLVM's three models give msl and lsl the same figures).
+
 Wiring into the interpreter: create ``Timer(core)`` once per run and call ``timer.step(ins)``
 for every executed :class:`~refimpl.neon.asm.Instruction`, in dynamic order (after or before
 executing it; only the operands are used, never register values), then read ``timer.cycles``
@@ -34,7 +45,7 @@ and ``timer.stalls``. Steady-state figures for a loop body: :func:`steady_state_
 same with llvm-mca-19: :func:`llvm_mca_steady_state`; representative loops and the comparison
 table: :mod:`refimpl.neon.loops`.
 
-Why one module (~720 lines): about a third is data, the per-core latency and pipeline tables with
+Why one module (~750 lines): about a third is data, the per-core latency and pipeline tables with
 their sources; the two machine models read those tables and nothing else, and the steady-state
 and llvm-mca helpers time loops with them.
 """

@@ -3,8 +3,12 @@
 ``refimpl.deploy.gemm``: a trained convolution lowered to the integer GEMM operands that
 :func:`refimpl.neon.run_gemm` executes, with PyTorch's integer and quantized convolutions as
 references.
+
+``refimpl.deploy.onnx``: a calibrated, frozen ``quantize_model`` graph exported to ONNX in QDQ form
+(QuantizeLinear/DequantizeLinear), which onnxruntime runs.
 """
 
 from .gemm import IntegerConv, integer_conv_operands, torch_integer_conv, torch_quantized_conv
+from .onnx import ONNX_OPSET, export_qdq
 
-__all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv"]
+__all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv", "ONNX_OPSET", "export_qdq"]

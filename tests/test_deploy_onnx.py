@@ -32,7 +32,7 @@ def _randomize_bn(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
@@ -261,3 +261,43 @@ def test_bad_inputs():
     qm16, x = _tiny(QuantConfig(8, 8, site_act_bits={"head": 12}))
     with pytest.raises(ValueError, match=r"activation site 'head'.*12-bit"):
         export_qdq(qm16, x[:2])
+
+
+class _PoolNet(torch.nn.Module):
+    """Conv, functional relu, max and average pooling, torch.flatten, Linear."""
+
+    def __init__(self, act=torch.relu):
+        super().__init__()
+        self.act = act
+        self.conv = torch.nn.Conv2d(1, 3, 3)
+        self.maxpool = torch.nn.MaxPool2d(2)
+        self.avgpool = torch.nn.AvgPool2d(2)
+        self.fc = torch.nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.maxpool(self.act(self.conv(x)))), 1))
+
+
+def test_other_ops_mobilenet_and_pooling():
+    from refimpl.models import MobileNetV2CNN
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    cases = ((fold_all_bn(_randomize_bn(MobileNetV2CNN(width=8))), torch.randn(64, 1, 8, 8, generator=gen),
+              {"Clip", "Conv", "Add", "GlobalAveragePool"}),           # ReLU6 -> Clip, depthwise Conv
+             (_PoolNet().eval(), torch.randn(64, 1, 10, 10, generator=gen),
+              {"MaxPool", "AveragePool", "Relu", "Flatten", "Gemm"}))
+    for model, x, expected in cases:
+        qm = quantize_model(model, QuantConfig(8, 8))
+        calibrate(qm, x)
+        onx = export_qdq(qm, x[:2])
+        assert {n.op_type for n in onx.graph.node} >= expected
+        d = _steps(qm, onx, x)
+        assert d.max() <= TOL and (d > 0).mean() < 0.02
+
+
+def test_unmapped_op_is_refused_naming_the_node():
+    qm = quantize_model(_PoolNet(act=torch.sigmoid).eval(), QuantConfig(8, 8))
+    x = torch.randn(8, 1, 10, 10)
+    calibrate(qm, x)
+    with pytest.raises(ValueError, match="node 'sigmoid'.*no ONNX mapping"):
+        export_qdq(qm, x[:2])

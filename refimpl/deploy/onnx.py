@@ -138,7 +138,7 @@ def _check_model(qmodel) -> None:
                          "act_quant activation site): quantize it with refimpl.qmodel.quantize_model first")
     if qmodel.training:
         raise ValueError("qmodel is in training mode: call qmodel.eval() before export_qdq")
-    bns = [n for n, m in qmodel.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [n for n, m in qmodel.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))]
     if bns:
         raise ValueError(f"qmodel has BatchNorm layers {bns}: merge them (refimpl.qmodel.merge_bn) or fold them "
                          "before quantize_model (refimpl.fold.fold_all_bn)")

@@ -192,15 +192,18 @@ class _Builder:
         self.nodes, self.initializers, self._count = [], [], 0
 
     def fresh(self, base: str) -> str:
+        """A new unique tensor/node name starting with base (dots replaced)."""
         self._count += 1
         return f"{base.replace('.', '_')}_{self._count}"
 
     def const(self, base: str, array: np.ndarray) -> str:
+        """Add array as an initializer; returns its name."""
         name = self.fresh(base)
         self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
     def node(self, op: str, inputs: list, output: str | None = None, base: str | None = None, **attrs) -> str:
+        """Add one ONNX node with one output; returns the output's name."""
         output = output or self.fresh(base or op)
         self.nodes.append(helper.make_node(op, inputs, [output], name=self.fresh(f"{op}_node"), **attrs))
         return output
@@ -211,6 +214,8 @@ def _shapes(qmodel, x) -> dict:
     shapes: dict = {}
 
     class _Recorder(torch.fx.Interpreter):
+        """Runs the graph, recording each tensor-valued node's shape."""
+
         def run_node(self, n):
             out = super().run_node(n)
             if isinstance(out, torch.Tensor):
@@ -266,6 +271,7 @@ def _weight(b: _Builder, name: str, layer: nn.Module) -> str:
 
 
 def _conv_attrs(name: str, m: nn.Module) -> dict:
+    """ONNX Conv attributes (kernel_shape, strides, dilations, pads, group) of a torch conv layer."""
     if m.padding_mode != "zeros":
         raise ValueError(f"layer {name!r}: padding_mode {m.padding_mode!r} has no ONNX Conv equivalent here")
     if isinstance(m.padding, str):
@@ -279,6 +285,7 @@ def _conv_attrs(name: str, m: nn.Module) -> dict:
 
 
 def _as_list(v, n: int) -> list:
+    """An int or a tuple of a pooling argument as a list of n ints."""
     return list(v) if isinstance(v, (tuple, list)) else [v] * n
 
 

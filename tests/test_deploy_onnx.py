@@ -301,3 +301,18 @@ def test_unmapped_op_is_refused_naming_the_node():
     calibrate(qm, x)
     with pytest.raises(ValueError, match="node 'sigmoid'.*no ONNX mapping"):
         export_qdq(qm, x[:2])
+
+
+def test_pot_scales_and_float_layers():
+    qm, x = _tiny(QuantConfig(8, 8, pot_scale=True, keep_fp=("blocks.0.conv1",)))
+    onx = export_qdq(qm, x[:2])
+    inits = _inits(onx)
+    scales = [v for k, v in inits.items() if "_scale_" in k]
+    assert scales and all(np.all(np.frexp(s)[0] == 0.5) for s in scales)       # powers of two
+    # the float layer: a float32 weight initializer read by Conv directly, no DequantizeLinear
+    (w,) = [k for k in inits if k.startswith("blocks_0_conv1_weight")]
+    assert inits[w].dtype == np.float32 and not any(n.op_type == "DequantizeLinear" and n.input[0] == w
+                                                    for n in onx.graph.node)
+    assert len([n for n in onx.graph.node if n.op_type == "QuantizeLinear"]) == len(act_quantizers(qm))
+    d = _steps(qm, onx, x)
+    assert d.max() <= TOL and (d > 0).mean() < 0.02

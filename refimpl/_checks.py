@@ -69,3 +69,20 @@ def normalize_axis(axis, ndim: int, name: str = "axis") -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis} is out of range for a tensor with {ndim} dimensions")
     return axis % ndim
+
+
+def scalar_tensor(value, name: str, like: torch.Tensor, dtype: torch.dtype, per: str) -> torch.Tensor:
+    """``value`` (a real number, or a one-element floating tensor whose graph is kept) as a 0-d
+    tensor of ``dtype`` on ``like``'s device; ``per`` says why one value ("PACT's bounds are per
+    tensor"), for the error message."""
+    if isinstance(value, torch.Tensor):
+        check_float_tensor(value, name)
+        if value.numel() != 1:
+            raise ValueError(f"{name} must hold one value ({per}), got shape {tuple(value.shape)}")
+        return value.reshape(()).to(device=like.device, dtype=dtype)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number or a floating torch.Tensor, got {type(value).__name__}")
+    t = torch.tensor(float(value), device=like.device, dtype=dtype)
+    check_float_tensor(t, name)
+    return t
+

@@ -22,7 +22,7 @@ from torch import nn
 
 from .graph import BN_LAYERS, call_counts, is_weight_layer, out_channels, trace
 
-__all__ = ["fold_bn", "fold_all_bn", "bn_statistics", "bn_scale_shift", "reestimate_bn", "FOLDABLE_PAIRS"]
+__all__ = ["fold_bn", "check_foldable", "fold_all_bn", "bn_statistics", "bn_scale_shift", "reestimate_bn", "FOLDABLE_PAIRS"]
 
 # (layer class, BatchNorm class) pairs that fold. Linear -> BatchNorm1d assumes the Linear
 # output is (N, features), as torch.nn.utils.fusion.fuse_linear_bn_eval does.
@@ -34,7 +34,10 @@ FOLDABLE_PAIRS = (
 )
 
 
-def _check_pair(layer, bn) -> None:
+def check_foldable(layer, bn) -> None:
+    """Raise TypeError/ValueError unless ``bn`` can be folded into ``layer``: a Conv1d/2d/3d or
+    Linear and the matching BatchNorm of ``FOLDABLE_PAIRS``, same channel count, running statistics.
+    Used by :func:`fold_bn` and ``refimpl.qmodel.fuse_layer_bn``."""
     if not is_weight_layer(layer):
         raise TypeError(f"layer must be a Conv1d/Conv2d/Conv3d/Linear, got {type(layer).__name__}")
     if not isinstance(bn, BN_LAYERS):
@@ -74,7 +77,7 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
 
     Used in :ref:`ch5-sec-folding-batchnorm`.
     """
-    _check_pair(layer, bn)
+    check_foldable(layer, bn)
     a, c = bn_scale_shift(bn)
     w = layer.weight.detach()
     # The output channel is dim 0 of the weight for Conv (any groups) and Linear alike.

@@ -450,7 +450,7 @@ def test_fuse_errors_name_the_layer():
     layer, bn = q.get_submodule("0"), q.get_submodule("1")
     with pytest.raises(TypeError, match="layer must be"):
         fuse_layer_bn(nn.Conv2d(3, 6, 3), bn, "naive")
-    with pytest.raises(TypeError, match="BatchNorm1d with QuantConv2d"):
+    with pytest.raises(TypeError, match="cannot fold BatchNorm1d into QuantConv2d"):
         fuse_layer_bn(layer, nn.BatchNorm1d(6), "naive")
     with pytest.raises(ValueError, match="num_features=4"):
         fuse_layer_bn(layer, nn.BatchNorm2d(4), "naive")

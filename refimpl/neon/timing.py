@@ -156,7 +156,7 @@ def klass(ins: Instruction) -> str:
 
     LDR/STR of a SIMD&FP register (q/d/s/h/b) and LDP/STP (q/d/s) are vector loads/stores of
     the same bytes as an LD1/ST1 of one (two) registers, so they take the ``"ld1"``/``"st1"``
-    class and its bytes-scaled rule (:meth:`CoreModel.entry`)."""
+    class and its bytes-scaled rule (``CoreModel.entry``)."""
     mn, ops = ins.mnemonic, ins.operands
     if mn.startswith("b."):
         return "branch"

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice
-from ..fold import FOLDABLE_PAIRS
-from ..graph import BN_LAYERS, bn_after, call_counts, out_channels
+from ..fold import check_foldable
+from ..graph import BN_LAYERS, bn_after, call_counts
 from .layers import QuantConv1d, QuantConv2d, QuantConv3d, QuantLayer, QuantLinear
 
 __all__ = ["BN_FOLDS", "QuantLayerBN", "QuantConvBN1d", "QuantConvBN2d", "QuantConvBN3d", "QuantLinearBN",
@@ -231,16 +231,7 @@ def fuse_layer_bn(layer: nn.Module, bn: nn.Module, strategy: str) -> QuantLayerB
     if type(layer) not in FUSED_CLASSES or not hasattr(layer, "weight_quantizer"):
         raise TypeError(f"layer must be a QuantConv1d/2d/3d or QuantLinear (from quantize_model), "
                         f"got {type(layer).__name__}")
-    if not isinstance(bn, BN_LAYERS):
-        raise TypeError(f"bn must be a BatchNorm1d/2d/3d, got {type(bn).__name__}")
-    if not any(isinstance(layer, lt) and type(bn) is bt for lt, bt in FOLDABLE_PAIRS):
-        raise TypeError(f"cannot fuse {type(bn).__name__} with {type(layer).__name__}: allowed pairs are "
-                        f"{[(a.__name__, b.__name__) for a, b in FOLDABLE_PAIRS]}")
-    if bn.num_features != out_channels(layer):
-        raise ValueError(f"bn.num_features={bn.num_features} does not match the layer's "
-                         f"{out_channels(layer)} output channels")
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("bn has no running statistics (track_running_stats=False): nothing to fold in eval mode")
+    check_foldable(layer, bn)
     fused = copy.deepcopy(layer)
     fused.__class__ = FUSED_CLASSES[type(layer)]
     fused.bn = copy.deepcopy(bn)

@@ -20,7 +20,7 @@ import numbers
 
 import torch
 
-from .._checks import check_float_tensor
+from .._checks import check_float_tensor, scalar_tensor
 from .functional import fake_quant, qparams
 from .spec import QuantSpec
 
@@ -30,16 +30,7 @@ __all__ = ["pact_quant", "pact_range"]
 def _bound(v, name: str, x: torch.Tensor) -> torch.Tensor:
     """A clipping bound as a 0-d tensor in x's compute dtype (a tensor keeps its graph)."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if isinstance(v, torch.Tensor):
-        check_float_tensor(v, name)
-        if v.numel() != 1:
-            raise ValueError(f"{name} must hold one value (PACT's bounds are per tensor), got shape {tuple(v.shape)}")
-        return v.reshape(()).to(device=x.device, dtype=dt)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number or a floating torch.Tensor, got {type(v).__name__}")
-    t = torch.tensor(float(v), device=x.device, dtype=dt)
-    check_float_tensor(t, name)
-    return t
+    return scalar_tensor(v, name, x, dt, "PACT's bounds are per tensor")
 
 
 def pact_range(spec: QuantSpec, alpha, beta=None) -> tuple:

@@ -34,7 +34,7 @@ import numbers
 
 import torch
 
-from .._checks import check_float_tensor, check_int
+from .._checks import check_float_tensor, check_int, scalar_tensor
 from .functional import fake_quant
 from .spec import QuantSpec
 
@@ -43,16 +43,7 @@ __all__ = ["qil_transform", "qil_weight", "qil_act"]
 
 def _param(v, name: str, like: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """A QIL parameter (number or one-element floating tensor, graph kept) as a 0-d tensor."""
-    if isinstance(v, torch.Tensor):
-        check_float_tensor(v, name)
-        if v.numel() != 1:
-            raise ValueError(f"{name} must hold one value (QIL's interval is per tensor), got shape {tuple(v.shape)}")
-        return v.reshape(()).to(device=like.device, dtype=dt)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number or a floating torch.Tensor, got {type(v).__name__}")
-    t = torch.tensor(float(v), device=like.device, dtype=dt)
-    check_float_tensor(t, name)
-    return t
+    return scalar_tensor(v, name, like, dt, "QIL's interval is per tensor")
 
 
 def _scaled_gradient(t: torch.Tensor, g: float) -> torch.Tensor:

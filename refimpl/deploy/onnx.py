@@ -11,16 +11,15 @@ graph optimiser fuses into integer kernels (QLinearConv, QLinearMatMul).
 
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from ..graph import activation_kind, is_add, is_avg_pool, is_pool, passes_values
 from ..qmodel import ActQuantizer, QuantLayer, Quantizer, WeightQuantizer, act_quantizers, weight_quantizers
 
 __all__ = ["ONNX_OPSET", "export_qdq"]
@@ -30,12 +29,6 @@ ONNX_OPSET = 13
 DequantizeLinear (``axis``); integer Clip needs 12."""
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_ADD = (operator.add, operator.iadd, torch.add)
-_RELU_FN = (torch.relu, F.relu)
 
 
 def export_qdq(qmodel: torch.fx.GraphModule, example_input: torch.Tensor, path=None) -> onnx.ModelProto:
@@ -64,8 +57,9 @@ def export_qdq(qmodel: torch.fx.GraphModule, example_input: torch.Tensor, path=N
       integer Clip(qmin, qmax) between the two: QuantizeLinear saturates only at the type's
       limits, so without it a 4-bit site would pass codes up to 127. A site in state "off" passes
       its tensor through (nothing is quantized there, as in the simulation);
-    * Conv1d/2d/3d -> Conv, Linear -> Gemm (2-d input), ReLU -> Relu, ReLU6 -> Clip(0, 6), a
-      two-tensor add -> Add, AdaptiveAvgPool(1) -> GlobalAveragePool, AvgPool -> AveragePool,
+    * Conv1d/2d/3d -> Conv, Linear -> Gemm (2-d input), ReLU -> Relu, ReLU6 -> Clip(0, 6) (module,
+      function or method, as ``refimpl.graph.activation_kind`` reads them), a two-tensor add
+      (``refimpl.graph.is_add``) -> Add, AdaptiveAvgPool(1) -> GlobalAveragePool, AvgPool -> AveragePool,
       MaxPool -> MaxPool, Flatten(1, -1) -> Flatten(axis=1), Identity/Dropout -> nothing.
 
     qmodel: a ``refimpl.qmodel.quantize_model`` GraphModule, BN folded, in eval mode, calibrated,
@@ -110,9 +104,9 @@ def export_qdq(qmodel: torch.fx.GraphModule, example_input: torch.Tensor, path=N
             if not isinstance(out_node, torch.fx.Node):
                 raise ValueError("export_qdq handles models with one tensor output")
         elif node.op == "call_module":
-            names[node] = _module_node(b, node, modules[node.target], names, shapes)
+            names[node] = _module_node(b, node, modules, names, shapes)
         elif node.op in ("call_function", "call_method"):
-            names[node] = _function_node(b, node, names)
+            names[node] = _function_node(b, node, modules, names)
         else:
             raise ValueError(f"node {node.name!r} ({node.op} {node.target}) has no ONNX mapping in export_qdq")
     b.node("Identity", [names[out_node]], "output")
@@ -289,12 +283,17 @@ def _as_list(v, n: int) -> list:
     return list(v) if isinstance(v, (tuple, list)) else [v] * n
 
 
-def _module_node(b: _Builder, node, m: nn.Module, names: dict, shapes: dict) -> str:
-    """The ONNX nodes of one fx call_module node; returns the output tensor's name."""
-    name = node.target
+def _module_node(b: _Builder, node, modules: dict, names: dict, shapes: dict) -> str:
+    """The ONNX nodes of one fx call_module node; returns the output tensor's name.
+
+    What a node *is* (ReLU, pooling, a value-passing op) is decided by ``refimpl.graph``'s
+    predicates, the rules every transform of the package shares; only the translation is here.
+    """
+    name, m = node.target, modules[node.target]
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
         raise ValueError(f"node {node.name!r} (module {name!r}) must take one tensor argument")
     x = names[node.args[0]]
+    in_rank = len(shapes[node.args[0]])
     if isinstance(m, ActQuantizer):
         return x if m.state == "off" else _qdq(b, x, m, m.site)
     if isinstance(m, _CONV):
@@ -302,60 +301,63 @@ def _module_node(b: _Builder, node, m: nn.Module, names: dict, shapes: dict) -> 
                                              if m.bias is not None else [])
         return b.node("Conv", inputs, base=name, **_conv_attrs(name, m))
     if isinstance(m, nn.Linear):
-        if len(shapes[node.args[0]]) != 2:
-            raise ValueError(f"layer {name!r}: Linear on a {len(shapes[node.args[0]])}-d input; export_qdq maps "
-                             "Linear to Gemm, which needs (N, features)")
+        if in_rank != 2:
+            raise ValueError(f"layer {name!r}: Linear on a {in_rank}-d input; export_qdq maps Linear to Gemm, "
+                             "which needs (N, features)")
         inputs = [x, _weight(b, name, m)] + ([b.const(f"{name}_bias", m.bias.detach().float().cpu().numpy())]
                                              if m.bias is not None else [])
         return b.node("Gemm", inputs, base=name, transB=1)
-    if isinstance(m, nn.ReLU):
-        return b.node("Relu", [x], base=name)
-    if isinstance(m, nn.ReLU6):
-        lo, hi = b.const(f"{name}_min", np.array(0.0, np.float32)), b.const(f"{name}_max", np.array(6.0, np.float32))
-        return b.node("Clip", [x, lo, hi], base=name)
-    if isinstance(m, _PASS):
-        return x
+    act = activation_kind(node, modules)
+    if act is not None:
+        return _activation(b, act, x, name)
     if isinstance(m, nn.Flatten):
-        ndim = len(shapes[node.args[0]])
-        if m.start_dim != 1 or m.end_dim not in (-1, ndim - 1):
+        if m.start_dim != 1 or m.end_dim not in (-1, in_rank - 1):
             raise ValueError(f"module {name!r}: only Flatten(start_dim=1, end_dim=-1) is exported")
         return b.node("Flatten", [x], base=name, axis=1)
-    if isinstance(m, _ADAPTIVE_AVG):
-        if any(s != 1 for s in _as_list(m.output_size, 1)):
-            raise ValueError(f"module {name!r}: only adaptive average pooling to size 1 is exported")
-        return b.node("GlobalAveragePool", [x], base=name)
-    if isinstance(m, _AVG):
-        k = len(shapes[node.args[0]]) - 2
-        if m.divisor_override is not None:
-            raise ValueError(f"module {name!r}: divisor_override is not exported")
-        pads = _as_list(m.padding, k)
-        return b.node("AveragePool", [x], base=name, kernel_shape=_as_list(m.kernel_size, k),
-                      strides=_as_list(m.stride, k), pads=pads + pads, ceil_mode=int(m.ceil_mode),
-                      count_include_pad=int(m.count_include_pad))
-    if isinstance(m, _MAX):
-        k = len(shapes[node.args[0]]) - 2
-        if m.return_indices:
-            raise ValueError(f"module {name!r}: return_indices is not exported")
-        pads = _as_list(m.padding, k)
-        return b.node("MaxPool", [x], base=name, kernel_shape=_as_list(m.kernel_size, k),
-                      strides=_as_list(m.stride, k), pads=pads + pads, dilations=_as_list(m.dilation, k),
-                      ceil_mode=int(m.ceil_mode))
+    if passes_values(node, modules):   # identity, eval-mode dropout
+        return x
+    if is_pool(node, modules):
+        return _pool(b, name, m, x, in_rank - 2, average=is_avg_pool(node, modules))
     raise ValueError(f"module {name!r} ({type(m).__name__}) has no ONNX mapping in export_qdq")
 
 
-def _function_node(b: _Builder, node, names: dict) -> str:
-    """The ONNX node of an fx call_function / call_method node: add, relu, flatten."""
+def _activation(b: _Builder, kind: str, x: str, base: str) -> str:
+    """Relu, or Clip(0, 6) for ReLU6."""
+    if kind == "relu":
+        return b.node("Relu", [x], base=base)
+    lo, hi = b.const(f"{base}_min", np.array(0.0, np.float32)), b.const(f"{base}_max", np.array(6.0, np.float32))
+    return b.node("Clip", [x, lo, hi], base=base)
+
+
+def _pool(b: _Builder, name: str, m: nn.Module, x: str, k: int, average: bool) -> str:
+    """GlobalAveragePool (adaptive average to size 1), AveragePool or MaxPool of a pooling module."""
+    if hasattr(m, "output_size"):
+        if not average or any(s != 1 for s in _as_list(m.output_size, 1)):
+            raise ValueError(f"module {name!r}: of the adaptive poolings only average pooling to size 1 is exported")
+        return b.node("GlobalAveragePool", [x], base=name)
+    pads = _as_list(m.padding, k)
+    common = {"kernel_shape": _as_list(m.kernel_size, k), "strides": _as_list(m.stride, k), "pads": pads + pads,
+              "ceil_mode": int(m.ceil_mode)}
+    if average:
+        if m.divisor_override is not None:
+            raise ValueError(f"module {name!r}: divisor_override is not exported")
+        return b.node("AveragePool", [x], base=name, count_include_pad=int(m.count_include_pad), **common)
+    if m.return_indices:
+        raise ValueError(f"module {name!r}: return_indices is not exported")
+    return b.node("MaxPool", [x], base=name, dilations=_as_list(m.dilation, k), **common)
+
+
+def _function_node(b: _Builder, node, modules: dict, names: dict) -> str:
+    """The ONNX node of an fx call_function / call_method node: add, relu/relu6, flatten."""
     args = node.args
     tensors = [a for a in args if isinstance(a, torch.fx.Node)]
-    if node.op == "call_function" and node.target in _ADD and len(args) == 2 and len(tensors) == 2 \
-            and not node.kwargs:
+    if is_add(node) and len(args) == 2 and not node.kwargs:
         return b.node("Add", [names[args[0]], names[args[1]]], base=node.name)
-    if ((node.op == "call_function" and node.target in _RELU_FN) or (node.op == "call_method" and node.target == "relu")) \
-            and len(args) == 1 and tensors and not node.kwargs.get("inplace", False):
-        return b.node("Relu", [names[args[0]]], base=node.name)
-    is_flatten = (node.op == "call_function" and node.target is torch.flatten) or \
-        (node.op == "call_method" and node.target == "flatten")
+    act = activation_kind(node, modules)
+    if act is not None and len(args) == 1 and tensors and not node.kwargs.get("inplace", False):
+        return _activation(b, act, names[args[0]], node.name)
+    is_flatten = passes_values(node, modules) and getattr(node.target, "__name__", node.target) == "flatten"
     if is_flatten and tensors and args[0] is tensors[0] and tuple(args[1:]) in ((1,), (1, -1)) and not node.kwargs:
         return b.node("Flatten", [names[args[0]]], base=node.name, axis=1)
     raise ValueError(f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)}) has no ONNX "
-                     "mapping in export_qdq (two-tensor add, relu and flatten(x, 1) are mapped)")
+                     "mapping in export_qdq (two-tensor add, relu, relu6 and flatten(x, 1) are mapped)")

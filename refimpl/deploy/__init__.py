@@ -9,6 +9,10 @@ references.
 """
 
 from .gemm import IntegerConv, integer_conv_operands, torch_integer_conv, torch_quantized_conv
+from .grid import affine_grid
+from .integer import (ADD_LEFT_SHIFT, REQUANT_MODES, Grid, IntegerModel, IntegerStep, fixed_point_multiplier,
+                      fixed_point_multiply, integer_model, simulated_codes, site_agreement,
+                      torch_quantized_layer)
 from .onnx import ONNX_OPSET, export_qdq
 
 __all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv", "ONNX_OPSET", "export_qdq"]

@@ -26,7 +26,7 @@ def affine_grid(q: Quantizer, where: str) -> tuple[np.ndarray, np.ndarray]:
     ``freeze``); ValueError for more than 8 bits, a zero point outside int8/uint8, or a scale that is
     not finite and positive.
 
-    Used by :func:`refimpl.deploy.integer_model`.
+    Used by :func:`refimpl.deploy.integer.integer_model`.
     """
     if q.kind != "fixed":
         try:

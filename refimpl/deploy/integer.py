@@ -15,7 +15,7 @@ the quantization of the input; the one float output is the dequantized last site
 
 * conv / linear: ``acc = sum((x - zp_x) * w_code)`` exactly (int32; computed as a float64 matrix
   product, exact for any realistic depth), plus the bias in int32 at scale ``s_x * s_w``
-  (rounded half to even); requantised to the next site's grid; a following ReLU / ReLU6 is the
+  (rounded as PyTorch does: ``b * float32(1 / (s_x s_w))`` in float32, half to even); requantised to the next site's grid; a following ReLU / ReLU6 is the
   clamp [zp, qmax] / [zp, zp + round(6 / s)];
 * add: TFLite's scheme: ``(a - zp_a) << 20`` and ``(b - zp_b) << 20`` each multiplied by
   ``s / (2 max(s_a, s_b))``, summed, requantised by ``2 max(s_a, s_b) / (2^20 s_y)``;
@@ -28,7 +28,8 @@ compute: the real multiplier ``m = M * 2^(shift - 31)`` with M in [2^30, 2^31); 
 positive shift, the doubling high multiply with rounding, a rounding right shift (ties toward
 +infinity), the zero point, the clamp (:func:`fixed_point_multiply`). It rounds twice;
 "single_rounding" rounds the same product once (TFLite's ``TFLITE_SINGLE_ROUNDING``). "float32" is what PyTorch's
-quantized CPU kernels (QNNPACK, FBGEMM) compute: ``round_half_even(float32(acc) * float32(m))``;
+quantized CPU kernels (QNNPACK, FBGEMM) compute: ``round_half_even(float32(acc) * m32)`` with
+``m32 = (s_x * s_w) * (1 / s_y)`` in float32 operations;
 adds and pooling then dequantize, compute and quantize in float32 as the simulation does.
 """
 
@@ -108,7 +109,6 @@ def fixed_point_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
     shift > 0 is a left shift before the multiply, shift < 0 a rounding right shift after it.
     A real below 2^-31 gives (0, 0): every int32 input maps to 0.
 
-    Used in :ref:`ch12-sec-one-convolution-three-ways`.
     """
     r = np.asarray(real, dtype=np.float64)
     if not bool(np.isfinite(r).all()) or bool((r <= 0).any()):
@@ -137,7 +137,6 @@ def fixed_point_multiply(x, multiplier, shift, single_rounding: bool = False) ->
     rounds once, ``(x M 2^shift + 2^(30 - shift)) >> (31 - shift)`` in 64 bits, ties toward
     +infinity (TFLite's ``TFLITE_SINGLE_ROUNDING`` output stage), saturated to int32.
 
-    Used in :ref:`ch12-sec-one-convolution-three-ways`.
     """
     x = np.asarray(x, dtype=np.int64)
     m = np.asarray(multiplier, dtype=np.int64)
@@ -169,7 +168,6 @@ class IntegerModel:
     steps: the :class:`IntegerStep` list in execution order; requant: one of :data:`REQUANT_MODES`;
     input_grid, output_grid: the first and last site's :class:`Grid`.
 
-    Used in :ref:`ch12-sec-the-whole-model`.
     """
 
     def __init__(self, steps: list, requant: str, output: str):
@@ -188,8 +186,8 @@ class IntegerModel:
                 raise TypeError(f"x must be a floating tensor, got {x.dtype}")
             x = x.detach().cpu().float().numpy()
         x = np.asarray(x)
-        if x.dtype.kind != "f" and x.dtype != np.dtype("V2"):
-            raise TypeError(f"x must be a floating array (float16/32/64, bfloat16), got {x.dtype}")
+        if x.dtype.kind != "f":
+            raise TypeError(f"x must be a floating array (float16/32/64; bfloat16 as a torch tensor), got {x.dtype}")
         x = x.astype(np.float32)   # the deployed model's input is float32, as the simulation's
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -254,7 +252,7 @@ def _run_step(step: IntegerStep, env: dict, requant: str) -> np.ndarray:
     channel_shape = (1, -1) + (1,) * (acc.ndim - 2) if np.ndim(step.multiplier) else ()
     m, s = np.reshape(step.multiplier, channel_shape), np.reshape(step.shift, channel_shape)
     if requant == "float32":
-        q = _round_f32(acc, np.reshape(step.real, channel_shape))
+        q = _round_f32(acc, np.reshape(step.attrs.get("real_f32", step.real), channel_shape))
     else:
         q = fixed_point_multiply(acc, m, s, requant == "single_rounding")
     return np.clip(q + g.zero_point, step.lo, step.hi)
@@ -368,8 +366,10 @@ def _layer_step(node, layer: nn.Module, in_grid: Grid, in_name: str) -> IntegerS
     s_x = np.float64(in_grid.scale)
     bias = None
     if layer.bias is not None:
-        b = layer.bias.detach().to(torch.float64).cpu().numpy()
-        bias = np.rint(b / (s_x * s_w.astype(np.float64)))
+        # PyTorch's quantize_val: value * (1.0f / float(scale)) in float32, rounded half to even,
+        # scale = s_x * s_w in double; one code from the exact quotient at near-ties
+        inv = np.float32(1.0) / (s_x * s_w.astype(np.float64)).astype(np.float32)
+        bias = np.rint(layer.bias.detach().float().cpu().numpy() * inv).astype(np.float64)
         if np.abs(bias).max(initial=0) > _INT32[1]:
             raise ValueError(f"layer {node.target!r}: the bias does not fit int32 at scale s_x * s_w")
         bias = bias.astype(np.int64)
@@ -415,6 +415,7 @@ def _finish(step: IntegerStep, g: Grid, act: str | None, site: str, in_grids: li
     """Give a pending step its output grid, clamp and requantisation multipliers."""
     step.grid, step.name = g, site
     step.lo, step.hi = _clamp(g, act)
+    step.attrs["activation"] = act
     s_y = np.float64(g.scale)
     if step.op == "add":
         ga, gb = in_grids
@@ -423,6 +424,10 @@ def _finish(step: IntegerStep, g: Grid, act: str | None, site: str, in_grids: li
         step.attrs["grids"] = (ga, gb)
     elif step.op in ("conv", "linear"):
         reals = (np.float64(in_grids[0].scale) * step.attrs["weight_scale"].astype(np.float64) / s_y,)
+        # PyTorch's kernels: (input_scale * weight_scale) * (1 / output_scale) in float32 operations
+        # (measured: the quotient instead flips a few exact .5 products)
+        step.attrs["real_f32"] = (np.float32(in_grids[0].scale) * step.attrs["weight_scale"].astype(np.float32)
+                                  ) * np.reciprocal(np.float32(g.scale))
     elif step.op == "avg_pool":   # divided by the window's size when it is known (at run time)
         reals = (np.float64(in_grids[0].scale) / s_y,)
         step.attrs["input_scale"] = in_grids[0].scale
@@ -454,7 +459,6 @@ def integer_model(qmodel: torch.fx.GraphModule, requant: str = "fixed_point") ->
     steps still waiting for their output site) that every node kind reads and writes; the
     per-kind work is in helpers.
 
-    Used in :ref:`ch12-sec-the-whole-model`.
     """
     if not isinstance(qmodel, torch.fx.GraphModule):
         raise TypeError(f"qmodel must be a torch.fx.GraphModule from refimpl.qmodel.quantize_model, got "
@@ -574,7 +578,6 @@ def simulated_codes(qmodel: torch.fx.GraphModule, x) -> dict[str, np.ndarray]:
     The fake-quantized output ``scale * (q - zero_point)`` of each site in state "quantize" is mapped
     back to q (exact: the float32 product is within 2^-24 relative of the integer times scale).
 
-    Used in :ref:`ch12-sec-the-whole-model`.
     """
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
@@ -603,7 +606,6 @@ def site_agreement(imodel: IntegerModel, qmodel: torch.fx.GraphModule, x) -> lis
     code difference), "differ" (fraction of elements that differ), "elements". Each site is compared
     as the integer path computes it from its own (integer) inputs, so differences can accumulate.
 
-    Used in :ref:`ch12-sec-the-whole-model`.
     """
     sim = simulated_codes(qmodel, x)
     _, codes = imodel.run(x, codes=True)
@@ -635,7 +637,6 @@ def torch_quantized_layer(step: IntegerStep, x_codes: np.ndarray, engine: str = 
     (default "qnnpack", PyTorch's ARM kernels). x_codes: int codes (N, C, ...) on the step's input
     grid. Returns int64 codes of the step's output shape.
 
-    Used in :ref:`ch12-sec-one-convolution-three-ways`.
     """
     if step.op not in ("conv", "linear") or step.grid is None:
         raise ValueError(f"step must be a conv or linear step of an IntegerModel, got op {step.op!r}")

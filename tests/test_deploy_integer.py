@@ -224,3 +224,49 @@ def test_errors_name_the_problem():
         integer_model(qobs)
     with pytest.raises(ValueError, match="BatchNorm"):
         integer_model(quantize_model(ResNetCNN(1, 10, width=4, num_blocks=1).eval(), QuantConfig(), keep_bn=True))
+
+
+def test_isolated_agreement_measures_one_step_at_a_time():
+    qm, x = _qmodel("resnet2d")
+    im = integer_model(qm, "float32")
+    sim = simulated_codes(qm, x)
+    chain = site_agreement(im, qm, x)
+    alone = site_agreement(im, qm, x, isolated=True)
+    assert [r["site"] for r in alone] == [r["site"] for r in chain]
+    # with the simulation's codes fed in, the first conv sees identical inputs either way
+    assert alone[1] == chain[1]
+    # given= replaces what later steps read, not what a step returns
+    _, codes = im.run(x, codes=True, given=sim)
+    np.testing.assert_array_equal(codes["input"], sim["input"])
+    with pytest.raises(ValueError, match="given names steps"):
+        im.run(x, given={"nope": sim["input"]})
+
+
+def test_layer_operands_give_the_exact_accumulators():
+    from refimpl.deploy import layer_operands
+    qm, x = _qmodel("resnet1d")
+    im = integer_model(qm, "float32")
+    _, codes = im.run(x, codes=True)
+    for step in (s for s in im.steps if s.op in ("conv", "linear")):
+        a, b, zp = layer_operands(step, codes[step.inputs[0]])
+        acc = a @ b - zp * b.sum(0)
+        ref = torch_quantized_layer(step, codes[step.inputs[0]])
+        real = np.asarray(step.attrs["real_f32"]).reshape(1, -1)
+        bias = 0 if step.bias is None else step.bias.reshape(1, -1)
+        q = np.clip(np.rint((acc + bias).astype(np.float32) * real).astype(np.int64) + step.grid.zero_point,
+                    step.lo, step.hi)
+        np.testing.assert_array_equal(np.moveaxis(ref, 1, -1).reshape(-1, ref.shape[1]), q)
+
+
+def test_pair_saturating_matmul():
+    from refimpl.deploy import pair_saturating_matmul
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 128, (50, 31)), rng.integers(-128, 128, (31, 7))
+    out, sat = pair_saturating_matmul(a, b)      # 7-bit activations: never saturates
+    assert sat == 0 and np.array_equal(out, a @ b)
+    a = np.full((1, 4), 255)
+    b = np.array([[-128], [-128], [1], [1]])
+    out, sat = pair_saturating_matmul(a, b)
+    assert sat == 1 and out[0, 0] == -32768 + 510
+    with pytest.raises(ValueError, match="unsigned bytes"):
+        pair_saturating_matmul(-a, b)

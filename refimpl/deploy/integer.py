@@ -50,7 +50,7 @@ from .grid import affine_grid
 
 __all__ = ["REQUANT_MODES", "ADD_LEFT_SHIFT", "Grid", "IntegerStep", "IntegerModel", "integer_model",
            "fixed_point_multiplier", "fixed_point_multiply", "simulated_codes", "site_agreement",
-           "torch_quantized_layer"]
+           "torch_quantized_layer", "layer_operands", "pair_saturating_matmul"]
 
 REQUANT_MODES = ("fixed_point", "single_rounding", "float32")
 """Requantisation conventions: NEON/gemmlowp fixed point (SQRDMULH then SRSHL, two roundings),
@@ -175,11 +175,13 @@ class IntegerModel:
         self.input_grid = steps[0].grid
         self.output_grid = next(s.grid for s in steps if s.name == output)
 
-    def run(self, x, *, codes: bool = False, batch_size: int = 1000):
+    def run(self, x, *, codes: bool = False, given: dict | None = None, batch_size: int = 1000):
         """Run on a float input batch (N, C, ...), numpy or torch (any float dtype, used as float32).
 
         Returns the dequantized output, float32 (N, ...) numpy: ``scale * (code - zero_point)`` of
         the last site; with ``codes=True`` (output, {step name: int64 codes}) for every step.
+        given: {step name: codes (N, ...)} that the *following* steps read in place of what the step
+        computes (the returned codes are still the step's own), to compare one step at a time.
         """
         if isinstance(x, torch.Tensor):
             if not x.is_floating_point():
@@ -191,15 +193,20 @@ class IntegerModel:
         x = x.astype(np.float32)   # the deployed model's input is float32, as the simulation's
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        given = {} if given is None else given
+        unknown = set(given) - {s.name for s in self.steps}
+        if unknown:
+            raise ValueError(f"given names steps this model does not have: {sorted(unknown)}")
         outs, kept = [], {}
         for start in range(0, max(len(x), 1), batch_size):
             env = {"input": x[start:start + batch_size]}
             for step in self.steps:
                 env[step.name] = _run_step(step, env, self.requant)
-            outs.append(env[self.output])
-            if codes:
-                for s in self.steps:
-                    kept.setdefault(s.name, []).append(env[s.name])
+                if codes:
+                    kept.setdefault(step.name, []).append(env[step.name])
+                if step.name in given:
+                    env[step.name] = np.asarray(given[step.name], dtype=np.int64)[start:start + batch_size]
+            outs.append(kept[self.output][-1] if codes else env[self.output])
         q = np.concatenate(outs)
         g = self.output_grid
         out = ((q - g.zero_point).astype(np.float32) * np.float32(g.scale)).astype(np.float32)
@@ -599,16 +606,18 @@ def simulated_codes(qmodel: torch.fx.GraphModule, x) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def site_agreement(imodel: IntegerModel, qmodel: torch.fx.GraphModule, x) -> list[dict]:
+def site_agreement(imodel: IntegerModel, qmodel: torch.fx.GraphModule, x, isolated: bool = False) -> list[dict]:
     """Per activation site, the integer codes against the simulation's on the same input.
 
     Returns one dict per site step in execution order: "site", "op", "max_diff" (largest absolute
-    code difference), "differ" (fraction of elements that differ), "elements". Each site is compared
-    as the integer path computes it from its own (integer) inputs, so differences can accumulate.
+    code difference), "differ" (fraction of elements that differ), "elements". isolated=False: the
+    integer path runs end to end, so a difference at one site propagates to the next; True: every
+    step reads the *simulation's* codes at its input sites, so a row measures that step alone.
 
+    Used in :ref:`ch12-sec-the-whole-model`.
     """
     sim = simulated_codes(qmodel, x)
-    _, codes = imodel.run(x, codes=True)
+    _, codes = imodel.run(x, codes=True, given=sim if isolated else None)
     rows = []
     for step in imodel.steps:
         if step.name in sim:
@@ -616,6 +625,64 @@ def site_agreement(imodel: IntegerModel, qmodel: torch.fx.GraphModule, x) -> lis
             rows.append({"site": step.name, "op": step.op, "max_diff": int(d.max(initial=0)),
                          "differ": float((d > 0).mean()) if d.size else 0.0, "elements": int(d.size)})
     return rows
+
+
+def layer_operands(step: IntegerStep, x_codes) -> tuple[np.ndarray, np.ndarray, int]:
+    """The GEMM operands of a conv/linear step as an x86 int8 kernel reads them.
+
+    Returns (A, B, a_zero_point): A (M, K) int64 activation codes as *unsigned* bytes (a signed grid
+    shifted by 128, as FBGEMM and onnxruntime carry activations), B (K, O) int64 weight codes
+    (int8), and A's zero point; K in channel-fastest order (NHWC im2col, FBGEMM's layout), M = N *
+    output positions. The exact accumulators are ``A @ B - a_zero_point * B.sum(0)``.
+    x_codes: the step's input codes (N, C, ...) on its input grid.
+    """
+    if step.op not in ("conv", "linear"):
+        raise ValueError(f"step must be a conv or linear step, got op {step.op!r}")
+    if step.op == "conv" and step.attrs["groups"] != 1:
+        raise ValueError("layer_operands handles convolutions with groups=1")
+    g_in = step.attrs["input_grid"]
+    off = 128 if g_in.qmin < 0 else 0
+    x = np.asarray(x_codes, dtype=np.int64) + off
+    w = step.weight
+    if step.op == "linear":
+        return x, w.T.copy(), g_in.zero_point + off
+    k = w.shape[2:]
+    win = _windows(x, k, step.attrs["stride"], step.attrs["padding"], step.attrs["dilation"],
+                   pad_value=g_in.zero_point + off)      # padding is the real value 0
+    d = len(k)
+    # (N, C, *out, *k) -> (N, *out, *k, C): channel fastest
+    a = np.moveaxis(win, 1, -1).reshape(-1, int(np.prod(k)) * w.shape[1])
+    b = np.moveaxis(w, 1, -1).reshape(w.shape[0], -1).T
+    return a, b.copy(), g_in.zero_point + off
+
+
+def pair_saturating_matmul(a, b, chunk: int = 4096) -> tuple[np.ndarray, int]:
+    """``a @ b`` as x86's AVX2 int8 path computes it: VPMADDUBSW, then VPMADDWD into int32.
+
+    VPMADDUBSW multiplies unsigned bytes of a by signed bytes of b and adds *adjacent pairs* along K
+    with int16 saturation (Intel SDM, "PMADDUBSW"): 255 * -128 * 2 = -65280 becomes -32768. This
+    is why PyTorch's x86 observers default to ``reduce_range=True`` (7-bit activations: at most
+    2 * 127 * 128 = 32512, which fits). VNNI's VPDPBUSD sums into int32 without this saturation.
+    a: (M, K) integers in [0, 255]; b: (K, N) integers in [-128, 127]; K is zero-padded to even.
+    Returns (int64 (M, N) results, number of saturated pair sums).
+    """
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"a (M, K) and b (K, N) must be 2-d with matching K, got {a.shape} and {b.shape}")
+    if a.size and (a.min() < 0 or a.max() > 255):
+        raise ValueError("a must hold unsigned bytes [0, 255]")
+    if b.size and (b.min() < -128 or b.max() > 127):
+        raise ValueError("b must hold signed bytes [-128, 127]")
+    if a.shape[1] % 2:
+        a, b = np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))
+    out, saturated = np.empty((a.shape[0], b.shape[1]), np.int64), 0
+    for i in range(0, a.shape[0], chunk):
+        blk = a[i:i + chunk]
+        pairs = blk[:, 0::2, None] * b[None, 0::2] + blk[:, 1::2, None] * b[None, 1::2]
+        clipped = np.clip(pairs, -(1 << 15), (1 << 15) - 1)
+        saturated += int((clipped != pairs).sum())
+        out[i:i + chunk] = clipped.sum(axis=1)
+    return out, saturated
 
 
 def _quint8(codes: np.ndarray, g: Grid) -> torch.Tensor:

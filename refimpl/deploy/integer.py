@@ -613,8 +613,6 @@ def site_agreement(imodel: IntegerModel, qmodel: torch.fx.GraphModule, x, isolat
     code difference), "differ" (fraction of elements that differ), "elements". isolated=False: the
     integer path runs end to end, so a difference at one site propagates to the next; True: every
     step reads the *simulation's* codes at its input sites, so a row measures that step alone.
-
-    Used in :ref:`ch12-sec-the-whole-model`.
     """
     sim = simulated_codes(qmodel, x)
     _, codes = imodel.run(x, codes=True, given=sim if isolated else None)

@@ -270,7 +270,7 @@ class RequantProgram:
         return -(-self.shape[1] // _COLS)
 
     def output(self, memory: np.ndarray) -> np.ndarray:
-        """The (M, N) int8/uint8 result in ``memory`` (a copy of :attr:`memory` after the run)."""
+        """The (M, N) int8/uint8 result, read from ``memory``: the memory image after a run."""
         m, np_ = self.shape[0], self.column_groups * _COLS
         raw = np.asarray(memory, np.uint8)[self.out_offset:self.out_offset + m * np_]
         out = raw.view(np.uint8 if self.unsigned else np.int8).reshape(m, np_)

@@ -267,6 +267,7 @@ class RequantProgram:
 
     @property
     def column_groups(self) -> int:
+        """Groups of 16 output channels: N rounded up to 16, over 16."""
         return -(-self.shape[1] // _COLS)
 
     def output(self, memory: np.ndarray) -> np.ndarray:

@@ -15,13 +15,16 @@ from .machine import (CORE_FEATURES, CORES, FEATURES, INSTRUCTION_FEATURES, Feat
 from .kernels import KERNELS as GEMM_KERNELS
 from .kernels import (GemmResult, KernelProgram, generate_kernel, quantize_multiplier,
                       requantize_reference, run_gemm)
+from .requant import (RequantProgram, RequantResult, build_requant, quantize_multiplier_any,
+                      requantize, run_requant)
 from .timing import Timer, steady_state_cycles
 
 __all__ = ["AsmError", "Instruction", "parse", "Machine", "RunStats", "CORES", "lanes",
            "max_accumulations", "CORE_FEATURES", "FEATURES", "INSTRUCTION_FEATURES",
            "FeatureError", "Timer", "steady_state_cycles", "run_gemm", "GemmResult",
            "KernelProgram", "generate_kernel", "quantize_multiplier", "requantize_reference",
-           "GEMM_KERNELS"]
+           "GEMM_KERNELS", "requantize", "quantize_multiplier_any", "run_requant",
+           "RequantResult", "build_requant", "RequantProgram"]
 
 
 def max_accumulations(a_bits: int, w_bits: int, acc_bits: int, *, a_signed: bool = True) -> int:

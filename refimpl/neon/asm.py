@@ -26,10 +26,11 @@ Subset accepted (anything else raises :class:`AsmError` naming the line and its 
 * SQDMULH/SQRDMULH vector ``.4h .8h .2s .4s``, by element (``.h`` from v0-v15, ``.s`` from
   v0-v31), and the scalar forms ``h``/``s`` (register and by element);
 * SSHR/SRSHR ``#1..esize`` and SRSHL (register) on ``.8b .16b .4h .8h .2s .4s .2d`` and scalar
-  ``d``; SQXTN/SQXTUN (and their ``2`` forms) ``.8b/.16b <- .8h``, ``.4h/.8h <- .4s``,
-  ``.2s/.4s <- .2d`` and scalar ``b <- h``, ``h <- s``, ``s <- d``; XTN/XTN2 vector only (the
-  ISA has no scalar XTN). Not in: the unsigned/accumulating/narrowing shift variants (USHR,
-  SSRA, SHRN, ...), SQSHL, UDOT, SQRDMLAH, and the saturation flag FPSR.QC (not modelled);
+  ``d``; SQSHL (register) on the same arrangements and scalar ``b h s d``; SQXTN/SQXTUN (and
+  their ``2`` forms) ``.8b/.16b <- .8h``, ``.4h/.8h <- .4s``, ``.2s/.4s <- .2d`` and scalar
+  ``b <- h``, ``h <- s``, ``s <- d``; XTN/XTN2 vector only (the ISA has no scalar XTN). Not in:
+  the unsigned/accumulating/narrowing shift variants (USHR, SSRA, SHRN, ...), SQSHL
+  (immediate), SQRSHL, UDOT, SQRDMLAH, and the saturation flag FPSR.QC (not modelled);
 * memory operands (base ``x0..x30``; no ``sp``): LDR/STR of ``x``/``w`` and of the SIMD&FP
   registers ``q``/``d``/``s``/``h``/``b`` (``q0``..``q31``: all 128 bits; loading ``d``/``s``/
   ``h``/``b`` zeroes the rest of the vector register) with ``[xN]``, ``[xN, #imm]`` (unsigned
@@ -242,6 +243,7 @@ FORMS: dict[str, list[tuple]] = {
     "sshr": _SHIFT_IMM,
     "srshr": _SHIFT_IMM,
     "srshl": _same3(_ALL) + [("d", "d", "d")],
+    "sqshl": _same3(_ALL) + [(s, s, s) for s in "bhsd"],
     "sqxtn": _NARROW + _NARROW_SCALAR,
     "sqxtn2": _NARROW2,
     "sqxtun": _NARROW + _NARROW_SCALAR,

@@ -5,8 +5,8 @@ instructions) and C6 (base instructions); each handler names its instruction. Ti
 :mod:`refimpl.neon.timing`: :meth:`Machine.run` steps a fresh :class:`~refimpl.neon.timing.Timer`
 of the machine's core over every executed instruction and reports cycles and stalls.
 
-Saturating instructions (SQDMULH, SQRDMULH, SQXTN, SQXTUN) saturate their results as the ISA
-does but do not model the cumulative saturation flag FPSR.QC. Instructions from extensions are
+Saturating instructions (SQDMULH, SQRDMULH, SQSHL, SQXTN, SQXTUN) saturate their results as the
+ISA does but do not model the cumulative saturation flag FPSR.QC. Instructions from extensions are
 checked against the core before anything executes (:data:`CORE_FEATURES`,
 :data:`INSTRUCTION_FEATURES`); a core lacking one raises :class:`FeatureError`.
 """
@@ -496,6 +496,19 @@ def _srshl(m, d, n, k):
     m._write(d.n, bits // 8, out)
 
 
+def _sqshl(m, d, n, k):
+    """SQSHL (register; vector, scalar): shift each lane by the signed low byte of the same lane
+    of Vm; a positive shift is a left shift saturated to the lane (SignedSatQ: esize or more
+    saturates every non-zero lane), a negative one an arithmetic right shift that truncates
+    (toward -infinity; -esize or less gives 0 or -1), without rounding (that is SQRSHL)."""
+    bits = _ebits(d)
+    out = []
+    for x, y in zip(_ints(m, n), _ints(m, k)):
+        sh = ((y & 0xFF) ^ 0x80) - 0x80
+        out.append(_sat(x << sh, bits) if sh >= 0 else x >> -sh)
+    m._write(d.n, bits // 8, out)
+
+
 def _narrow(m, d, n, fn):
     """Write the narrowed lanes ``fn(x, bits)``: a 128-bit destination is a "2" form, which
     writes the upper half and keeps the lower; otherwise the rest of the register is zeroed."""
@@ -532,5 +545,6 @@ _VECTOR = {"add": _add, "sub": _sub, "mul": _mul, "mla": _mla, "mls": _mls, "sma
            "saddw2": _saddw, "saddlp": _saddlp, "sadalp": _sadalp, "addv": _addv,
            "movi": _movi, "dup": _dup, "ext": _ext, "sdot": _sdot, "sqdmulh": _sqdmulh,
            "sqrdmulh": _sqrdmulh, "sshr": _sshr, "srshr": _srshr, "srshl": _srshl,
+           "sqshl": _sqshl,
            "sqxtn": _sqxtn, "sqxtn2": _sqxtn, "sqxtun": _sqxtun, "sqxtun2": _sqxtun,
            "xtn": _xtn, "xtn2": _xtn}

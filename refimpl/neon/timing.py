@@ -37,6 +37,10 @@ and for LDR q on A57/N1 (5) and LDP q on A55 (6); LLVM differs for LDR q on A55 
 cycle; the LD1 rule here, from ncnn's and onnxruntime's measurements, gives 4 and two cycles),
 LDR with a register offset (A55 4, A57/N1 6 for q; here 3/4 and 5) and LDP q on A57/N1 (6/7;
 here 5). MOVI ``msl`` has MOVI's row (LLVM's three models give msl and lsl the same figures).
+SQSHL (register) has SRSHL's row, ``"rshl"``: the A72 and Neoverse N1 guides list [SU]QSHL with
+[SU]RSHL as "ASIMD shift by register, complex" (LLVM's A57 and N1 models agree, SQSHL = SRSHL);
+LLVM's A55 model has no row of its own for SQSHL and gives it its default 4 cycles, one more than
+SRSHL's 3 (the A55 rows here give both 3).
 
 Wiring into the interpreter: create ``Timer(core)`` once per run and call ``timer.step(ins)``
 for every executed :class:`~refimpl.neon.asm.Instruction`, in dynamic order (after or before
@@ -144,8 +148,8 @@ _KLASS = {"mul": "mul", "sqdmulh": "mul", "sqrdmulh": "mul", "mla": "mla", "mls"
           "smax": "minmax", "smin": "minmax", "addp": "addp", "saddl": "addl", "saddl2": "addl",
           "saddw": "addl", "saddw2": "addl", "saddlp": "addlp", "sadalp": "adalp", "addv": "addv",
           "movi": "movi", "ext": "ext", "umov": "umov", "sdot": "dot", "sshr": "shr",
-          "srshr": "rshr", "srshl": "rshl", "sqxtn": "qxtn", "sqxtn2": "qxtn", "sqxtun": "qxtn",
-          "sqxtun2": "qxtn", "xtn": "xtn", "xtn2": "xtn", "ldr": "ldr", "str": "str",
+          "srshr": "rshr", "srshl": "rshl", "sqshl": "rshl", "sqxtn": "qxtn", "sqxtn2": "qxtn",
+          "sqxtun": "qxtn", "sqxtun2": "qxtn", "xtn": "xtn", "xtn2": "xtn", "ldr": "ldr", "str": "str",
           "ld1": "ld1", "ld1r": "ld1r", "st1": "st1", "cbz": "branch", "cbnz": "branch",
           "b": "branch", "subs": "int", "cmp": "int"}
 

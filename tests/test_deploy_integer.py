@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from refimpl.deploy import (REQUANT_MODES, fixed_point_multiplier, fixed_point_multiply, integer_model,
-                            simulated_codes, site_agreement, torch_quantized_layer)
+from refimpl.deploy import REQUANT_MODES, integer_model, simulated_codes, site_agreement, torch_quantized_layer
 from refimpl.fold import fold_all_bn
 from refimpl.models import MobileNetV2CNN, ResNetCNN
+from refimpl.neon import fixed_point_multiply
 from refimpl.qmodel import QuantConfig, act_quantizers, calibrate, freeze, quantize_model
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -70,23 +70,6 @@ def test_single_rounding_is_the_exact_product_rounded_once():
         np.testing.assert_array_equal(got, want)
         # two roundings are never more than one code away from one
         assert np.abs(fixed_point_multiply(xs, m, shift) - got).max() <= 1
-
-
-@pytest.mark.parametrize("real", [0.3, 1e-3, 0.999999, 1.0, 1.7, 1234.5, 2.0 ** -30])
-def test_fixed_point_multiplier_represents_the_real_scale(real):
-    m, shift = fixed_point_multiplier(real)
-    assert (1 << 30) <= int(m) < (1 << 31)
-    assert abs(int(m) * 2.0 ** (int(shift) - 31) - real) <= real * 2.0 ** -31
-    assert (int(shift) > 0) == (real >= 1.0)
-
-
-def test_fixed_point_multiplier_per_channel_and_errors():
-    m, s = fixed_point_multiplier(np.array([0.5, 0.25, 4.0]))
-    assert m.tolist() == [1 << 30] * 3 and s.tolist() == [0, -1, 3]
-    assert [int(v) for v in fixed_point_multiplier(2.0 ** -40)] == [0, 0]
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="real"):
-            fixed_point_multiplier(bad)
 
 
 # ---- whole models ----------------------------------------------------------------------------

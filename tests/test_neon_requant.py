@@ -258,9 +258,9 @@ def test_quantize_multiplier_any():
     assert quantize_multiplier_any(2.0 ** -32) == (1 << 30, -31)
     assert quantize_multiplier_any(2.0 ** 30) == (1 << 30, 31)
     assert quantize_multiplier_any(np.float32(1.5)) == (3 << 29, 1)
-    # ties of q * 2^31 round away from zero (std::round); quantize_multiplier rounds to even
+    # ties of q * 2^31 round away from zero (std::round), also in quantize_multiplier (it delegates)
     assert quantize_multiplier_any(0.5 + 2.0 ** -32) == ((1 << 30) + 1, 0)
-    assert quantize_multiplier(0.5 + 2.0 ** -32) == (1 << 30, 0)
+    assert quantize_multiplier(0.5 + 2.0 ** -32) == ((1 << 30) + 1, 0)
     rng = np.random.default_rng(3)
     for scale in np.exp(rng.uniform(np.log(2.0 ** -32), 0, 300)):
         assert quantize_multiplier_any(float(scale)) == quantize_multiplier(float(scale))

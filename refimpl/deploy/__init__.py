@@ -14,12 +14,11 @@ fixed-point requantisation), with PyTorch's quantized kernels as the per-layer r
 
 from .gemm import IntegerConv, integer_conv_operands, torch_integer_conv, torch_quantized_conv
 from .grid import affine_grid
-from .integer import (ADD_LEFT_SHIFT, REQUANT_MODES, Grid, IntegerModel, IntegerStep, fixed_point_multiplier,
-                      fixed_point_multiply, integer_model, layer_operands, pair_saturating_matmul, simulated_codes,
+from .integer import (ADD_LEFT_SHIFT, REQUANT_MODES, Grid, IntegerModel, IntegerStep, integer_model, layer_operands, pair_saturating_matmul, simulated_codes,
                       site_agreement, torch_quantized_layer)
 from .onnx import ONNX_OPSET, export_qdq
 
 __all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv", "affine_grid",
            "REQUANT_MODES", "ADD_LEFT_SHIFT", "Grid", "IntegerStep", "IntegerModel", "integer_model",
-           "fixed_point_multiplier", "fixed_point_multiply", "simulated_codes", "site_agreement",
+           "simulated_codes", "site_agreement",
            "torch_quantized_layer", "layer_operands", "pair_saturating_matmul", "ONNX_OPSET", "export_qdq"]

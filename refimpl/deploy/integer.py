@@ -26,8 +26,9 @@ the quantization of the input; the one float output is the dequantized last site
 Requantisation (``requant``): "fixed_point" (default) is what NEON's ``SQRDMULH`` and ``SRSHL``
 compute: the real multiplier ``m = M * 2^(shift - 31)`` with M in [2^30, 2^31); ``SQSHL`` by a
 positive shift, the doubling high multiply with rounding, a rounding right shift (ties toward
-+infinity), the zero point, the clamp (:func:`fixed_point_multiply`). It rounds twice;
-"single_rounding" rounds the same product once (TFLite's ``TFLITE_SINGLE_ROUNDING``). "float32" is what PyTorch's
++infinity), the zero point, the clamp (:func:`refimpl.neon.fixed_point_multiply`). It rounds
+twice; "single_rounding" rounds the same product once (TFLite's ``TFLITE_SINGLE_ROUNDING``).
+"float32" is what PyTorch's
 quantized CPU kernels (QNNPACK, FBGEMM) compute: ``round_half_even(float32(acc) * m32)`` with
 ``m32 = (s_x * s_w) * (1 / s_y)`` in float32 operations;
 adds and pooling then dequantize, compute and quantize in float32 as the simulation does.
@@ -46,10 +47,11 @@ from torch import nn
 
 from ..graph import activation_kind, is_add, is_avg_pool, is_pool, passes_values
 from ..qmodel import ActQuantizer, QuantLayer, act_quantizers, weight_quantizers
+from ..neon import fixed_point_multiply, quantize_multiplier_any
 from .grid import affine_grid
 
 __all__ = ["REQUANT_MODES", "ADD_LEFT_SHIFT", "Grid", "IntegerStep", "IntegerModel", "integer_model",
-           "fixed_point_multiplier", "fixed_point_multiply", "simulated_codes", "site_agreement",
+           "simulated_codes", "site_agreement",
            "torch_quantized_layer", "layer_operands", "pair_saturating_matmul"]
 
 REQUANT_MODES = ("fixed_point", "single_rounding", "float32")
@@ -102,53 +104,15 @@ class IntegerStep:
     attrs: dict = field(default_factory=dict)
 
 
-def fixed_point_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
-    """(M, shift) with ``real ~= M * 2^(shift - 31)``, M in [2^30, 2^31 - 1] (TFLite QuantizeMultiplier).
-
-    real: float or array of floats > 0 (float64 is used). Returns int64 arrays of real's shape;
-    shift > 0 is a left shift before the multiply, shift < 0 a rounding right shift after it.
-    A real below 2^-31 gives (0, 0): every int32 input maps to 0.
-
-    """
+def _multipliers(real) -> tuple[np.ndarray, np.ndarray]:
+    """(M, shift) int64 arrays of real's shape: TFLite's QuantizeMultiplier of each element
+    (:func:`refimpl.neon.quantize_multiplier_any`), ``real ~= M * 2^(shift - 31)``."""
     r = np.asarray(real, dtype=np.float64)
     if not bool(np.isfinite(r).all()) or bool((r <= 0).any()):
-        raise ValueError(f"real must be finite and > 0, got {r.tolist()}")
-    q, e = np.frexp(r)
-    m = np.round(q * float(1 << 31)).astype(np.int64)
-    carry = m == (1 << 31)
-    m = np.where(carry, m // 2, m)
-    e = np.where(carry, e + 1, e).astype(np.int64)
-    if bool((e > 31).any()):
-        raise ValueError(f"real must be below 2^31, got {r.max()}")
-    tiny = e < -31
-    return np.where(tiny, 0, m), np.where(tiny, 0, e)
-
-
-def fixed_point_multiply(x, multiplier, shift, single_rounding: bool = False) -> np.ndarray:
-    """x * M * 2^(shift - 31) in int32 as NEON computes it: SQSHL, SQRDMULH, SRSHL.
-
-    x: int32-valued integer array; multiplier (M), shift: int arrays broadcasting against x (per
-    channel along the last axis, or scalars), from :func:`fixed_point_multiplier`. Steps: a
-    saturating left shift by max(shift, 0); SQRDMULH ``sat((2 x M + 2^31) >> 32)``; SRSHL by
-    min(shift, 0), i.e. ``(x + 2^(r-1)) >> r`` for r = -shift > 0 (ties toward +infinity, not
-    gemmlowp's ``RoundingDivideByPOT``, which rounds ties away from zero). Returns int64.
-    That rounds twice: SQRDMULH keeps only the integer part of ``x * M / 2^31``, whose rounding
-    error the right shift then divides by 2^r but does not remove. ``single_rounding=True``
-    rounds once, ``(x M 2^shift + 2^(30 - shift)) >> (31 - shift)`` in 64 bits, ties toward
-    +infinity (TFLite's ``TFLITE_SINGLE_ROUNDING`` output stage), saturated to int32.
-
-    """
-    x = np.asarray(x, dtype=np.int64)
-    m = np.asarray(multiplier, dtype=np.int64)
-    s = np.asarray(shift, dtype=np.int64)
-    if single_rounding:
-        total = 31 - s     # >= 0: shift <= 31; x M < 2^62 fits int64
-        return np.clip((x * m + (np.int64(1) << np.maximum(total - 1, 0)) * (total > 0)) >> total, *_INT32)
-    x = np.clip(x << np.maximum(s, 0), *_INT32)
-    # (2 x M + 2^31) >> 32 without overflowing int64: x M < 2^62
-    hi = np.minimum((x * m + (1 << 30)) >> 31, _INT32[1])
-    r = np.maximum(-s, 0)
-    return (hi + np.where(r > 0, np.int64(1) << np.maximum(r - 1, 0), 0)) >> r
+        raise ValueError(f"a requantisation scale must be finite and > 0, got {r.tolist()}")
+    pairs = [quantize_multiplier_any(float(v)) for v in r.ravel()]
+    return (np.array([p[0] for p in pairs], np.int64).reshape(r.shape),
+            np.array([p[1] for p in pairs], np.int64).reshape(r.shape))
 
 
 def _wrap32(x: np.ndarray) -> np.ndarray:
@@ -234,9 +198,9 @@ def _run_step(step: IntegerStep, env: dict, requant: str) -> np.ndarray:
             q = np.rint(y * np.reciprocal(np.float32(g.scale))).astype(np.int64)
         else:
             single = requant == "single_rounding"
-            a = fixed_point_multiply(a << ADD_LEFT_SHIFT, step.multiplier[0], step.shift[0], single)
-            b = fixed_point_multiply(b << ADD_LEFT_SHIFT, step.multiplier[1], step.shift[1], single)
-            q = fixed_point_multiply(_wrap32(a + b), step.multiplier[2], step.shift[2], single)
+            a = fixed_point_multiply(a << ADD_LEFT_SHIFT, step.multiplier[0], step.shift[0], single_rounding=single)
+            b = fixed_point_multiply(b << ADD_LEFT_SHIFT, step.multiplier[1], step.shift[1], single_rounding=single)
+            q = fixed_point_multiply(_wrap32(a + b), step.multiplier[2], step.shift[2], single_rounding=single)
         return np.clip(q + g.zero_point, step.lo, step.hi)
     x = xs[0] - step.attrs["input_zero_point"]
     if op == "conv":
@@ -249,7 +213,7 @@ def _run_step(step: IntegerStep, env: dict, requant: str) -> np.ndarray:
         if step.attrs.get("count") != count:
             step.attrs["count"] = count
             step.real = np.float64(step.attrs["input_scale"]) / (count * np.float64(g.scale))
-            step.multiplier, step.shift = fixed_point_multiplier(step.real)
+            step.multiplier, step.shift = _multipliers(step.real)
     else:   # rescale
         acc = x
     if step.bias is not None:
@@ -261,7 +225,7 @@ def _run_step(step: IntegerStep, env: dict, requant: str) -> np.ndarray:
     if requant == "float32":
         q = _round_f32(acc, np.reshape(step.attrs.get("real_f32", step.real), channel_shape))
     else:
-        q = fixed_point_multiply(acc, m, s, requant == "single_rounding")
+        q = fixed_point_multiply(acc, m, s, single_rounding=requant == "single_rounding")
     return np.clip(q + g.zero_point, step.lo, step.hi)
 
 
@@ -440,7 +404,7 @@ def _finish(step: IntegerStep, g: Grid, act: str | None, site: str, in_grids: li
         step.attrs["input_scale"] = in_grids[0].scale
     else:   # rescale
         reals = (np.float64(in_grids[0].scale) / s_y,)
-    pairs = [fixed_point_multiplier(r) for r in reals]
+    pairs = [_multipliers(r) for r in reals]
     step.real = tuple(reals) if step.op == "add" else reals[0]
     step.multiplier = tuple(p[0] for p in pairs) if step.op == "add" else pairs[0][0]
     step.shift = tuple(p[1] for p in pairs) if step.op == "add" else pairs[0][1]

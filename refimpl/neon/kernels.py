@@ -77,6 +77,7 @@ import numpy as np
 
 from .asm import parse
 from .machine import CORE_FEATURES, CORES, FEATURES, INSTRUCTION_FEATURES, FeatureError, Machine
+from .requant import fixed_point_multiply, quantize_multiplier_any
 from .timing import Timer, steady_state_cycles
 
 __all__ = ["KERNELS", "GemmResult", "KernelProgram", "generate_kernel", "run_gemm",
@@ -599,26 +600,26 @@ def _check_requant(requant, n):
 def quantize_multiplier(real_scale: float) -> tuple[int, int]:
     """Real scale in (0, 1) -> (multiplier, shift), ``real_scale ~= multiplier * 2**(shift - 31)``.
 
-    gemmlowp/TFLite's QuantizeMultiplier convention: ``real_scale = q * 2**shift`` with q in
-    [0.5, 1), ``multiplier = round(q * 2**31)`` in [2^30, 2^31 - 1] (a rounding up to 2^31
-    halves it and increments shift), ``shift <= 0`` meaning a rounding right shift by -shift
-    after SQRDMULH. Scales >= 1 (a left shift) are not supported by the kernels' epilogue.
+    gemmlowp/TFLite's QuantizeMultiplier convention (:func:`~refimpl.neon.requant.quantize_multiplier_any`,
+    restricted to what the GEMM kernels' epilogue runs): ``real_scale = q * 2**shift`` with q in
+    [0.5, 1), ``multiplier = round(q * 2**31)`` in [2^30, 2^31 - 1] (ties away from zero; a
+    rounding up to 2^31 halves it and increments shift), ``shift <= 0`` meaning a rounding right
+    shift by -shift after SQRDMULH. Scales >= 1 (a left shift) are not supported by the kernels'
+    epilogue.
 
     Used in :ref:`ch4-sec-a-real-layer-through-a-kernel`.
     """
+    if isinstance(real_scale, (bool, np.bool_)) or not isinstance(real_scale, (int, float, np.number)):
+        raise TypeError(f"real_scale must be a real number, got {type(real_scale).__name__}")
     real_scale = float(real_scale)
     if not 0.0 < real_scale < 1.0:
         raise ValueError(f"real_scale must be in (0, 1), got {real_scale!r}")
-    q, shift = np.frexp(real_scale)
-    mult = int(round(float(q) * (1 << 31)))
-    if mult == 1 << 31:
-        mult //= 2
-        shift += 1
+    mult, shift = quantize_multiplier_any(real_scale)
     if shift > 0:
         raise ValueError(f"real_scale {real_scale!r} rounds to 1.0; the epilogue needs shift <= 0")
-    if shift < -31:  # below 2^-32 every int32 accumulator maps to 0 or -1 anyway
+    if mult == 0:  # below 2^-32 every int32 accumulator maps to 0 or -1 anyway
         raise ValueError(f"real_scale must be >= 2**-32, got {real_scale!r}")
-    return mult, int(shift)
+    return mult, shift
 
 
 def requantize_reference(acc, multiplier, shift, zero_point) -> np.ndarray:
@@ -629,19 +630,10 @@ def requantize_reference(acc, multiplier, shift, zero_point) -> np.ndarray:
     zero_point with int32 wrap; SQXTN to int16 then to int8 (saturating, so a clip to int8).
     ``multiplier``, ``shift``, ``zero_point``: scalars or (N,) arrays (one per output channel).
     """
-    acc = np.asarray(acc, np.int64)
-    m = np.asarray(multiplier, np.int64)
     s = np.asarray(shift, np.int64)
     if np.any(s > 0):
         raise ValueError(f"shift must be <= 0, got {shift!r}")
-    # 2*acc*m can reach 2^63 (MIN*MIN): use acc*m (< 2^62) and halve the rounding constant
-    prod = acc * m
-    hi = (prod + (1 << 30)) >> 31
-    hi = np.minimum(hi, (1 << 31) - 1)
-    rs = -s
-    rc = np.where(rs > 0, np.int64(1) << np.maximum(rs - 1, 0), 0)   # SRSHL's rounding constant
-    rounded = (hi + rc) >> rs
-    out = rounded + np.asarray(zero_point, np.int64)
+    out = fixed_point_multiply(acc, multiplier, s) + np.asarray(zero_point, np.int64)
     out = ((out + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)   # ADD .4s wraps
     return np.clip(out, -128, 127).astype(np.int8)
 

@@ -58,7 +58,7 @@ from .asm import parse
 from .machine import CORES, Machine
 from .timing import Timer
 
-__all__ = ["requantize", "quantize_multiplier_any", "RequantProgram", "build_requant",
+__all__ = ["fixed_point_multiply", "requantize", "quantize_multiplier_any", "RequantProgram", "build_requant",
            "RequantResult", "run_requant"]
 
 _I32 = (-(1 << 31), (1 << 31) - 1)
@@ -129,15 +129,38 @@ def _wrap32(x):
     return ((x + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
 
 
-def _output_stage(acc, bias, multiplier, shift, zero_point, qmin, qmax):
-    """Steps 1-6 on int64 arrays (broadcasting); int32 values in [qmin, qmax]."""
-    x = _wrap32(acc + bias)                                               # ADD .4s
+def fixed_point_multiply(x, multiplier, shift, *, single_rounding: bool = False) -> np.ndarray:
+    """``x * multiplier * 2^(shift - 31)`` as the output stage computes it: steps 2-4 above.
+
+    x: int32-valued integers (any shape); multiplier, shift: integers broadcasting against x
+    (scalars, or per output channel). SQSHL by max(shift, 0), SQRDMULH
+    ``sat32((2 x m + 2^31) >> 32)`` (only INT32_MIN * INT32_MIN saturates), SRSHL by
+    min(shift, 0): ``(x + 2^(r-1)) >> r`` for r = -shift > 0, ties toward +infinity. That rounds
+    twice: SQRDMULH keeps the integer part of ``x m / 2^31`` and the shift divides its rounding
+    error by 2^r without removing it. ``single_rounding=True`` rounds the same product once,
+    ``(x m + 2^(30 - shift)) >> (31 - shift)`` in 64 bits, saturated to int32 (TFLite's
+    ``TFLITE_SINGLE_ROUNDING`` output stage). Returns int64 of the broadcast shape.
+
+    Used by :func:`requantize`, :func:`refimpl.neon.kernels.requantize_reference` and
+    :func:`refimpl.deploy.integer.integer_model`.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    m = np.asarray(multiplier, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    if single_rounding:
+        total = 31 - shift        # >= 0 for shift <= 31; x m < 2^62 fits int64
+        return np.clip((x * m + ((np.int64(1) << total) >> 1)) >> total, *_I32)
     x = np.clip(x << np.maximum(shift, 0), *_I32)                         # SQSHL
     # SQRDMULH: (2 x m + 2^31) >> 32 == (x m + 2^30) >> 31; x m <= 2^62 fits int64, and only
-    # MIN * MIN (not reachable with m >= 0) exceeds MAX
-    x = np.minimum((x * multiplier + (1 << 30)) >> 31, _I32[1])
+    # MIN * MIN exceeds MAX
+    x = np.minimum((x * m + (1 << 30)) >> 31, _I32[1])
     rs = -np.minimum(shift, 0)                                            # SRSHL by -rs
-    x = (x + ((np.int64(1) << rs) >> 1)) >> rs                            # + 2^(rs-1), 0 at rs=0
+    return (x + ((np.int64(1) << rs) >> 1)) >> rs                         # + 2^(rs-1), 0 at rs=0
+
+
+def _output_stage(acc, bias, multiplier, shift, zero_point, qmin, qmax):
+    """Steps 1-6 on int64 arrays (broadcasting); int32 values in [qmin, qmax]."""
+    x = fixed_point_multiply(_wrap32(acc + bias), multiplier, shift)     # ADD .4s, steps 2-4
     x = _wrap32(x + zero_point)                                           # ADD .4s
     return np.clip(x, qmin, qmax)                                         # SMAX, SMIN
 
@@ -177,8 +200,7 @@ def quantize_multiplier_any(real_scale: float) -> tuple[int, int]:
     right shift after it), in -31..31. Scales below 2^-32, and 0, give (0, 0) as in TFLite
     (every int32 accumulator then rounds to 0); scales that round to 2^31 or more raise
     ValueError (shift would exceed 31). For scales in [2^-32, 1) this is
-    :func:`refimpl.neon.kernels.quantize_multiplier` except on exact ties of ``q * 2**31``
-    (that one rounds them to even, e.g. 0.5 + 2^-32 -> 2^30 there, 2^30 + 1 here).
+    :func:`refimpl.neon.kernels.quantize_multiplier`, which delegates here.
     """
     if isinstance(real_scale, (bool, np.bool_)) or not isinstance(real_scale,
                                                                   (int, float, np.number)):

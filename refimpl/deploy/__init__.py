@@ -5,10 +5,12 @@
 references.
 
 ``refimpl.deploy.onnx``: a calibrated, frozen ``quantize_model`` graph exported to ONNX in QDQ form
-(QuantizeLinear/DequantizeLinear), which onnxruntime runs.
+(QuantizeLinear/DequantizeLinear), which onnxruntime runs; and a float model's ONNX graph
+(``export_float``), translated by the same code.
 """
 
 from .gemm import IntegerConv, integer_conv_operands, torch_integer_conv, torch_quantized_conv
-from .onnx import ONNX_OPSET, export_qdq
+from .onnx import ONNX_OPSET, export_float, export_qdq
 
-__all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv", "ONNX_OPSET", "export_qdq"]
+__all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv", "ONNX_OPSET", "export_qdq",
+           "export_float"]

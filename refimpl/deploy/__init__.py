@@ -7,10 +7,16 @@ references.
 ``refimpl.deploy.onnx``: a calibrated, frozen ``quantize_model`` graph exported to ONNX in QDQ form
 (QuantizeLinear/DequantizeLinear), which onnxruntime runs; and a float model's ONNX graph
 (``export_float``), translated by the same code.
+
+``refimpl.deploy.ort``: onnxruntime's own static quantization of that float graph, the grids it
+chose, the kernels onnxruntime runs after optimising a graph, and interleaved latency timing.
 """
 
 from .gemm import IntegerConv, integer_conv_operands, torch_integer_conv, torch_quantized_conv
 from .onnx import ONNX_OPSET, export_float, export_qdq
+from .ort import (ORT_METHODS, ORT_TYPES, calibration_ranges, ort_latency, ort_optimized_ops, ort_quantize_static,
+                  ort_run, ort_session)
 
 __all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv", "ONNX_OPSET", "export_qdq",
-           "export_float"]
+           "export_float", "ORT_METHODS", "ORT_TYPES", "ort_quantize_static", "calibration_ranges", "ort_session",
+           "ort_run", "ort_optimized_ops", "ort_latency"]

@@ -18,16 +18,22 @@ The fractions of differing elements asserted below are coarse on purpose (a wron
 point or op moves nearly every element); they are not tuned to one machine's float path.
 """
 
+import copy
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
+from onnx import helper
 
 from refimpl.deploy import ONNX_OPSET, export_qdq
+from refimpl.deploy import export_float
 from refimpl.fold import fold_all_bn
 from refimpl.models import ResNetCNN
+from refimpl.models import MobileNetV2CNN
 from refimpl.qmodel import (QuantConfig, act_quantizers, calibrate, freeze, quant_layers, quantize_model,
                             set_trainable)
 
@@ -317,3 +323,185 @@ def test_pot_scales_and_float_layers():
     assert len([n for n in onx.graph.node if n.op_type == "QuantizeLinear"]) == len(act_quantizers(qm))
     d = _steps(qm, onx, x)
     assert d.max() <= TOL and (d > 0).mean() < 0.02
+
+
+# ---- export_float: the float graph, translated by the same code ------------------------------
+
+U32, U64 = 2.0 ** -24, 2.0 ** -53       # float32 and float64 unit roundoff
+
+
+@pytest.fixture(scope="module")
+def mnist1d_float():
+    from refimpl.zoo import pretrained
+    model, data = pretrained("mnist1d", "resnet", 0, progress=False)
+    folded = fold_all_bn(model).eval()
+    return folded, export_float(folded, data.x_test[:2]), data
+
+
+def _ort_tensors(onx, x, names):
+    """{name: float32 values} of the graph's tensors on x, computed by onnxruntime (optimisations
+    off, so that every tensor exists as the graph defines it)."""
+    m = copy.deepcopy(onx)
+    extra = [n for n in names if n != "input"]
+    m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return {"input": x, **dict(zip(extra, sess.run(extra, {"input": x})))}
+
+
+def _gamma(k, u=U32):
+    """Higham's gamma_k = k u / (1 - k u): a sum of k terms computed in any order, with or without
+    FMA, has error <= gamma_k * sum |terms| (Higham, "Accuracy and Stability of Numerical
+    Algorithms", 2002, §3.1)."""
+    return k * u / (1 - k * u)
+
+
+def _node_bounds(gm, onx, x):
+    """onnxruntime's float32 results against the model evaluated in float64, with bounds from the
+    summation lengths alone (no constant fitted to a CPU):
+
+    * per node: each ONNX node's output (onnxruntime, optimisations off) against torch's op in
+      float64 applied to onnxruntime's own input tensor x: a Conv/Gemm computed in float32 in
+      any order is within gamma_K * (|W| |x| + |b|) of the exact op (K = fan-in + 1), a mean of L
+      values within gamma_(L+1) * mean |x|, an Add within one rounding; Relu, Clip and Flatten are
+      exact. The float64 reference adds the same with float64's unit roundoff. Yields
+      (tensor name, onnxruntime's values, reference, bound).
+    * end to end: a running error bound of a float32 forward pass (Higham §3.5), with the
+      float64 model's activations as the exact values: a layer adds gamma_K * (|W| (|x| + e) +
+      |b|) and carries its input's error e through |W|; ReLU/ReLU6 and Flatten carry it
+      unchanged, an add sums the errors plus one rounding, a mean averages them. Yielded last
+      as ("output", None, the float64 model's logits, bound).
+
+    (Why float64 and not torch's float32 forward: under the book's numerics configuration
+    (oneDNN off) torch convolves batches of 16 or more through NNPACK, whose fast algorithms
+    are not sums of products; its error is not bounded by gamma_K. Measured here: 57 u
+    relative to sum |terms| on a 3-tap Conv1d, against gamma_4 ~ 4 u.)
+    """
+    gm64 = copy.deepcopy(gm).double()
+    modules = dict(gm64.named_modules())
+    names = {}
+    for node in gm64.graph.nodes:
+        if node.op == "placeholder":
+            names[node] = "input"
+        elif node.op in ("call_module", "call_function", "call_method"):
+            pattern = re.compile(rf"^{re.escape(node.name)}_\d+$")
+            found = [n.output[0] for n in onx.graph.node if pattern.match(n.output[0])]
+            names[node] = found[0] if found else names[node.args[0]]     # value-passing: no ONNX node
+    ort_vals = {k: torch.from_numpy(v).double() for k, v in
+                _ort_tensors(onx, x.numpy(), sorted(set(names.values()))).items()}
+    env, err = {}, {}
+    with torch.no_grad():
+        for node in gm64.graph.nodes:
+            if node.op == "placeholder":
+                env[node], err[node] = x.double(), torch.zeros_like(x, dtype=torch.float64)
+                continue
+            if node.op == "output":
+                out = node.args[0]
+                yield "output", None, env[out].numpy(), (1 + 2.0 ** -28) * err[out].numpy()
+                return
+            args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            if node.op == "call_function" and len(args) == 2:             # the residual add
+                env[node] = env[args[0]] + env[args[1]]
+                err[node] = err[args[0]] + err[args[1]] + U32 * (env[node].abs() + err[args[0]] + err[args[1]])
+                s = ort_vals[names[args[0]]] + ort_vals[names[args[1]]]
+                yield names[node], ort_vals[names[node]].numpy(), s.numpy(), (U32 + U64) * s.abs().numpy()
+                continue
+            op, local, carry = _rounding_model(node, modules.get(node.target) if node.op == "call_module" else None)
+            e = err[args[0]]
+            env[node] = op(env[args[0]])
+            err[node] = carry(e) + local(env[args[0]].abs() + e, U32)
+            if names[node] != names[args[0]]:
+                t = ort_vals[names[args[0]]]
+                bound = local(t.abs(), U32) + local(t.abs(), U64)
+                yield names[node], ort_vals[names[node]].numpy(), op(t).numpy(), bound.numpy()
+
+
+def _rounding_model(node, m):
+    """(op, local(|x|, u): the rounding bound of op on an input of magnitude |x|, carry: how an
+    input error is carried to the output) of one fx node of a float64 model."""
+    if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+        absm = copy.deepcopy(m)
+        absm.weight.abs_()
+        absw = copy.deepcopy(absm)
+        absw.bias = None
+        if absm.bias is not None:
+            absm.bias.abs_()
+        k = m.weight[0].numel() + 1
+        return m, lambda a, u: _gamma(k, u) * absm(a), absw
+    if isinstance(m, (torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d)):
+        return m, lambda a, u: _gamma(a[0, 0].numel() + 1, u) * m(a), m
+    if m is not None:                                                     # ReLU, ReLU6, Flatten, Identity
+        return m, lambda a, u: torch.zeros((), dtype=torch.float64), m
+    if node.op == "call_function":                                        # torch.relu, torch.flatten, ...
+        def fn(t):
+            return node.target(t, *node.args[1:], **node.kwargs)
+    else:
+        def fn(t):
+            return getattr(t, node.target)(*node.args[1:], **node.kwargs)
+    return fn, lambda a, u: torch.zeros((), dtype=torch.float64), fn
+
+
+def test_export_float_matches_torch_within_float_rounding(mnist1d_float):
+    folded, onx, data = mnist1d_float
+    gen = torch.Generator().manual_seed(0)
+    mobilenet = fold_all_bn(_randomize_bn(MobileNetV2CNN(width=8)))        # 2-d, ReLU6 -> Clip, depthwise
+    x2 = torch.randn(64, 1, 8, 8, generator=gen)
+    for model, x, onx_, ops in ((folded, data.x_test, onx, {"Conv", "Relu", "Add", "GlobalAveragePool", "Gemm"}),
+                                (mobilenet, x2, export_float(mobilenet, x2[:2]), {"Conv", "Clip", "Add"})):
+        onnx.checker.check_model(onx_, full_check=True)
+        assert {n.op_type for n in onx_.graph.node} >= ops
+        assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onx_.graph.node)
+        assert [i.name for i in onx_.graph.input] == ["input"] and [o.name for o in onx_.graph.output] == ["output"]
+        assert onx_.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+        checked = 0
+        for name, got, want, bound in _node_bounds(model, onx_, x):
+            if name == "output":
+                for optimize in (False, True):
+                    out = _run(onx_, x, optimize).astype(np.float64)
+                    assert out.shape == want.shape
+                    assert (np.abs(out - want) <= bound).all(), (optimize, float(np.abs(out - want).max()))
+            else:
+                assert got.shape == want.shape, name
+                assert (np.abs(got - want) <= bound).all(), (name, float(np.abs(got - want).max()))
+                checked += 1
+        assert checked == sum(n.op_type != "Identity" for n in onx_.graph.node)   # every node but the output's
+        # and torch's own float32 forward agrees with onnxruntime's to float32 precision
+        with torch.no_grad():
+            ref = model(x).numpy()
+        assert np.abs(_run(onx_, x, True) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_export_float_shares_export_qdq_translation():
+    torch.manual_seed(0)
+    model = fold_all_bn(_randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=2)))
+    x = torch.randn(32, 1, 8, 8)
+    qm = quantize_model(model, QuantConfig(8, 8))
+    calibrate(qm, x)
+    flt, qdq = export_float(model, x[:2]), export_qdq(qm, x[:2])
+    # the same float ops in the same order; the QDQ graph adds only QuantizeLinear/DequantizeLinear
+    assert [n.op_type for n in flt.graph.node] == [n.op_type for n in qdq.graph.node
+                                                   if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+
+
+def test_export_float_refuses_bn_quantizers_and_training_mode(tmp_path):
+    model = _randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=1))
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"BatchNorm.*refimpl\.fold\.fold_all_bn"):
+        export_float(model, x)
+    folded = fold_all_bn(model)
+    qm = quantize_model(folded, QuantConfig(8, 8))
+    with pytest.raises(ValueError, match="quantizers.*export_qdq"):
+        export_float(qm, x)
+    folded.train()
+    with pytest.raises(ValueError, match="training mode"):
+        export_float(folded, x)
+    folded.eval()
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        export_float("model", x)
+    with pytest.raises(TypeError, match="example_input"):
+        export_float(folded, x.double())
+    with pytest.raises(ValueError, match=r"module '1' \(Sigmoid\) has no ONNX mapping"):
+        export_float(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Sigmoid()).eval(), x)
+    onx = export_float(folded, x, path=tmp_path / "f.onnx")
+    assert onnx.load(str(tmp_path / "f.onnx")) == onx

@@ -9,16 +9,23 @@ fixed-point requantisation), with PyTorch's quantized kernels as the per-layer r
 ``refimpl.deploy.grid``: the affine grid a runtime executes for a quantizer (shared check).
 
 ``refimpl.deploy.onnx``: a calibrated, frozen ``quantize_model`` graph exported to ONNX in QDQ form
-(QuantizeLinear/DequantizeLinear), which onnxruntime runs.
+(QuantizeLinear/DequantizeLinear), which onnxruntime runs; and a float model's ONNX graph
+(``export_float``), translated by the same code.
+
+``refimpl.deploy.ort``: onnxruntime's own static quantization of that float graph, the grids it
+chose, the kernels onnxruntime runs after optimising a graph, and interleaved latency timing.
 """
 
 from .gemm import IntegerConv, integer_conv_operands, torch_integer_conv, torch_quantized_conv
 from .grid import affine_grid
-from .integer import (ADD_LEFT_SHIFT, REQUANT_MODES, Grid, IntegerModel, IntegerStep, integer_model, layer_operands, pair_saturating_matmul, simulated_codes,
-                      site_agreement, torch_quantized_layer)
-from .onnx import ONNX_OPSET, export_qdq
+from .integer import (ADD_LEFT_SHIFT, REQUANT_MODES, Grid, IntegerModel, IntegerStep, integer_model, layer_operands,
+                      pair_saturating_matmul, simulated_codes, site_agreement, torch_quantized_layer)
+from .onnx import ONNX_OPSET, export_float, export_qdq
+from .ort import (ORT_METHODS, ORT_TYPES, calibration_ranges, ort_latency, ort_optimized_ops, ort_quantize_static,
+                  ort_run, ort_session)
 
 __all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv", "affine_grid",
            "REQUANT_MODES", "ADD_LEFT_SHIFT", "Grid", "IntegerStep", "IntegerModel", "integer_model",
-           "simulated_codes", "site_agreement",
-           "torch_quantized_layer", "layer_operands", "pair_saturating_matmul", "ONNX_OPSET", "export_qdq"]
+           "simulated_codes", "site_agreement", "torch_quantized_layer", "layer_operands", "pair_saturating_matmul",
+           "ONNX_OPSET", "export_qdq", "export_float", "ORT_METHODS", "ORT_TYPES", "ort_quantize_static",
+           "calibration_ranges", "ort_session", "ort_run", "ort_optimized_ops", "ort_latency"]

@@ -19,10 +19,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from ..graph import activation_kind, is_add, is_avg_pool, is_pool, passes_values
+from ..graph import BN_LAYERS, activation_kind, is_add, is_avg_pool, is_pool, passes_values, trace
 from ..qmodel import ActQuantizer, QuantLayer, Quantizer, WeightQuantizer, act_quantizers, weight_quantizers
 
-__all__ = ["ONNX_OPSET", "export_qdq"]
+__all__ = ["ONNX_OPSET", "export_qdq", "export_float"]
 
 ONNX_OPSET = 13
 """The opset of the exported graph: 13 is the first with per-channel QuantizeLinear /
@@ -76,8 +76,7 @@ def export_qdq(qmodel: torch.fx.GraphModule, example_input: torch.Tensor, path=N
     quoting the kind's reason: PoT/APoT/PWLQ grids, DoReFa/PACT/QIL weights) or one in a training
     form (e.g. "dsq" before ``freeze``), and for arguments of the wrong type.
 
-    Why one function: the checks, the shape pass and the node-by-node translation share the
-    graph state (tensor names, initializers); the per-node and per-quantizer work is in helpers.
+    The node-by-node translation is shared with :func:`export_float` (``_to_onnx``).
     """
     if not isinstance(qmodel, torch.fx.GraphModule):
         raise TypeError(f"qmodel must be a torch.fx.GraphModule from refimpl.qmodel.quantize_model, "
@@ -89,30 +88,83 @@ def export_qdq(qmodel: torch.fx.GraphModule, example_input: torch.Tensor, path=N
     if path is not None and not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str, a Path or None, got {type(path).__name__}")
     _check_model(qmodel)
-    modules = dict(qmodel.named_modules())
-    shapes = _shapes(qmodel, example_input)
+    return _to_onnx(qmodel, example_input, path, "qdq", "export_qdq")
+
+
+def export_float(model: nn.Module, example_input: torch.Tensor, path=None) -> onnx.ModelProto:
+    """The ONNX graph (float32, opset :data:`ONNX_OPSET`) of a plain float model: the reference
+    that onnxruntime's own quantizer (``refimpl.deploy.ort.ort_quantize_static``) starts from,
+    and the float baseline of a latency comparison.
+
+    References: the ONNX operators (https://onnx.ai/onnx/operators/, opset 13); the graph is
+    translated node by node exactly as :func:`export_qdq` translates a quantized one (the same
+    helper, so the two graphs differ only by the QuantizeLinear/DequantizeLinear nodes): Conv,
+    Gemm, Relu, Clip(0, 6), Add, the poolings, Flatten; weights and biases are float32
+    initializers.
+
+    model: an ``nn.Module`` in eval mode, BatchNorm already folded (``refimpl.fold.fold_all_bn``),
+    without refimpl quantizers (a ``quantize_model`` graph is exported by :func:`export_qdq`),
+    traceable by ``refimpl.graph.trace`` (torch.fx; ``model`` itself is not modified).
+    example_input: float32 tensor (N, C, ...), run through the model for the tensor ranks; the
+    ONNX input "input" has its shape with a symbolic batch dimension "N"; the output "output"
+    is the model's output (N, ...). path: where to save the model (str or Path), or None.
+    Returns the ``onnx.ModelProto``, accepted by ``onnx.checker.check_model(full_check=True)``.
+
+    Raises TypeError for a non-module or an example_input that is not a float32 tensor, and
+    ValueError for a BatchNorm layer (naming ``refimpl.fold.fold_all_bn``), refimpl quantizers
+    (naming ``export_qdq``), a model in training mode, or a module or function with no mapping
+    (naming the node).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
+        raise TypeError("example_input must be a float32 torch.Tensor")
+    if example_input.ndim < 2:
+        raise ValueError(f"example_input must be (N, C, ...), got shape {tuple(example_input.shape)}")
+    if path is not None and not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str, a Path or None, got {type(path).__name__}")
+    bns = [n for n, m in model.named_modules() if isinstance(m, BN_LAYERS)]
+    if bns:
+        raise ValueError(f"model has BatchNorm layers {bns}: fold them first (refimpl.fold.fold_all_bn)")
+    quantized = [n or "<model>" for n, m in model.named_modules() if isinstance(m, (Quantizer, QuantLayer))]
+    if quantized:
+        raise ValueError(f"model contains refimpl quantizers or quantized layers {quantized[:4]}: export a "
+                         "quantize_model graph with refimpl.deploy.onnx.export_qdq; export_float takes a float model")
+    if model.training:
+        raise ValueError("model is in training mode: call model.eval() before export_float")
+    return _to_onnx(trace(model), example_input, path, "float", "export_float")
+
+
+def _to_onnx(gm: torch.fx.GraphModule, example_input: torch.Tensor, path, graph_name: str,
+             who: str) -> onnx.ModelProto:
+    """The checked ONNX model of a traced (float or quantized) graph: the shape pass, then the
+    node-by-node translation shared by ``export_qdq`` and ``export_float`` (who: the caller's
+    name, for error messages); saved to path unless it is None."""
+    modules = dict(gm.named_modules())
+    shapes = _shapes(gm, example_input)
     b = _Builder()
     names: dict = {}
     out_node = None
-    for node in qmodel.graph.nodes:
+    for node in gm.graph.nodes:
         if node.op == "placeholder":
             if node.args or node.name in names or any(n.op == "placeholder" for n in names):
-                raise ValueError("export_qdq handles models with one tensor input")
+                raise ValueError(f"{who} handles models with one tensor input")
             names[node] = "input"
         elif node.op == "output":
             out_node = node.args[0]
             if not isinstance(out_node, torch.fx.Node):
-                raise ValueError("export_qdq handles models with one tensor output")
+                raise ValueError(f"{who} handles models with one tensor output")
         elif node.op == "call_module":
             names[node] = _module_node(b, node, modules, names, shapes)
         elif node.op in ("call_function", "call_method"):
             names[node] = _function_node(b, node, modules, names)
         else:
-            raise ValueError(f"node {node.name!r} ({node.op} {node.target}) has no ONNX mapping in export_qdq")
+            raise ValueError(f"node {node.name!r} ({node.op} {node.target}) has no ONNX mapping in {who}")
     b.node("Identity", [names[out_node]], "output")
     in_shape = ["N", *example_input.shape[1:]]
     out_shape = ["N", *shapes[out_node][1:]]
-    graph = helper.make_graph(b.nodes, "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
+    graph = helper.make_graph(b.nodes, graph_name,
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
                               initializer=b.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
@@ -302,7 +354,7 @@ def _module_node(b: _Builder, node, modules: dict, names: dict, shapes: dict) ->
         return b.node("Conv", inputs, base=name, **_conv_attrs(name, m))
     if isinstance(m, nn.Linear):
         if in_rank != 2:
-            raise ValueError(f"layer {name!r}: Linear on a {in_rank}-d input; export_qdq maps Linear to Gemm, "
+            raise ValueError(f"layer {name!r}: Linear on a {in_rank}-d input; refimpl.deploy.onnx maps Linear to Gemm, "
                              "which needs (N, features)")
         inputs = [x, _weight(b, name, m)] + ([b.const(f"{name}_bias", m.bias.detach().float().cpu().numpy())]
                                              if m.bias is not None else [])
@@ -318,7 +370,7 @@ def _module_node(b: _Builder, node, modules: dict, names: dict, shapes: dict) ->
         return x
     if is_pool(node, modules):
         return _pool(b, name, m, x, in_rank - 2, average=is_avg_pool(node, modules))
-    raise ValueError(f"module {name!r} ({type(m).__name__}) has no ONNX mapping in export_qdq")
+    raise ValueError(f"module {name!r} ({type(m).__name__}) has no ONNX mapping in refimpl.deploy.onnx")
 
 
 def _activation(b: _Builder, kind: str, x: str, base: str) -> str:
@@ -360,4 +412,4 @@ def _function_node(b: _Builder, node, modules: dict, names: dict) -> str:
     if is_flatten and tensors and args[0] is tensors[0] and tuple(args[1:]) in ((1,), (1, -1)) and not node.kwargs:
         return b.node("Flatten", [names[args[0]]], base=node.name, axis=1)
     raise ValueError(f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)}) has no ONNX "
-                     "mapping in export_qdq (two-tensor add, relu, relu6 and flatten(x, 1) are mapped)")
+                     "mapping in refimpl.deploy.onnx (two-tensor add, relu, relu6 and flatten(x, 1) are mapped)")

@@ -505,3 +505,18 @@ def test_export_float_refuses_bn_quantizers_and_training_mode(tmp_path):
         export_float(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Sigmoid()).eval(), x)
     onx = export_float(folded, x, path=tmp_path / "f.onnx")
     assert onnx.load(str(tmp_path / "f.onnx")) == onx
+
+
+def test_site_tensors_let_onnxruntime_return_a_site():
+    from refimpl.deploy import ort_run, site_tensors
+    qm, x = _tiny(QuantConfig())
+    onx = export_qdq(qm, x[:2])
+    sites = site_tensors(onx)
+    assert list(sites) == [s for s, q in act_quantizers(qm).items() if q.state == "quantize"]
+    got = ort_run(onx, x, optimize=False, outputs=["input", "head"])
+    q = act_quantizers(qm)["input"]
+    with torch.no_grad():
+        np.testing.assert_array_equal(got["input"], q(x).numpy())     # same rounding of the same input
+    np.testing.assert_array_equal(got["head"], ort_run(onx, x, optimize=False))
+    with pytest.raises(ValueError, match="not activation sites"):
+        ort_run(onx, x, outputs=["nope"])

@@ -20,12 +20,12 @@ from .gemm import IntegerConv, integer_conv_operands, torch_integer_conv, torch_
 from .grid import affine_grid
 from .integer import (ADD_LEFT_SHIFT, REQUANT_MODES, Grid, IntegerModel, IntegerStep, integer_model, layer_operands,
                       pair_saturating_matmul, simulated_codes, site_agreement, torch_quantized_layer)
-from .onnx import ONNX_OPSET, export_float, export_qdq
+from .onnx import ONNX_OPSET, SITE_TENSORS_KEY, export_float, export_qdq, site_tensors
 from .ort import (ORT_METHODS, ORT_TYPES, calibration_ranges, ort_latency, ort_optimized_ops, ort_quantize_static,
                   ort_run, ort_session)
 
 __all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv", "affine_grid",
            "REQUANT_MODES", "ADD_LEFT_SHIFT", "Grid", "IntegerStep", "IntegerModel", "integer_model",
            "simulated_codes", "site_agreement", "torch_quantized_layer", "layer_operands", "pair_saturating_matmul",
-           "ONNX_OPSET", "export_qdq", "export_float", "ORT_METHODS", "ORT_TYPES", "ort_quantize_static",
+           "ONNX_OPSET", "SITE_TENSORS_KEY", "export_qdq", "export_float", "site_tensors", "ORT_METHODS", "ORT_TYPES", "ort_quantize_static",
            "calibration_ranges", "ort_session", "ort_run", "ort_optimized_ops", "ort_latency"]

@@ -11,6 +11,7 @@ graph optimiser fuses into integer kernels (QLinearConv, QLinearMatMul).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,17 @@ from torch import nn
 
 from ..graph import BN_LAYERS, activation_kind, is_add, is_avg_pool, is_pool, passes_values, trace
 from ..qmodel import ActQuantizer, QuantLayer, Quantizer, WeightQuantizer, act_quantizers, weight_quantizers
+from .grid import affine_grid
 
-__all__ = ["ONNX_OPSET", "export_qdq", "export_float"]
+__all__ = ["ONNX_OPSET", "SITE_TENSORS_KEY", "export_qdq", "export_float", "site_tensors"]
 
 ONNX_OPSET = 13
 """The opset of the exported graph: 13 is the first with per-channel QuantizeLinear /
 DequantizeLinear (``axis``); integer Clip needs 12."""
+
+SITE_TENSORS_KEY = "refimpl.site_tensors"
+"""The model property (``metadata_props``) under which :func:`export_qdq` records, as JSON, the
+name of each activation site's dequantized tensor: {site: tensor name}."""
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -170,10 +176,25 @@ def _to_onnx(gm: torch.fx.GraphModule, example_input: torch.Tensor, path, graph_
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
                               producer_name="refimpl.deploy.onnx")
     model.ir_version = 8   # opset 13 graphs; readable by onnxruntime >= 1.10
+    if b.sites:
+        helper.set_model_props(model, {SITE_TENSORS_KEY: json.dumps(b.sites)})
     onnx.checker.check_model(model, full_check=True)
     if path is not None:
         onnx.save(model, str(path))
     return model
+
+
+def site_tensors(model: onnx.ModelProto) -> dict[str, str]:
+    """{activation site: name of its DequantizeLinear output tensor} in a graph from :func:`export_qdq`.
+
+    Read from the model property :data:`SITE_TENSORS_KEY`; empty for a graph without it (a float
+    graph, or one another tool wrote). ``refimpl.deploy.ort.ort_run(..., outputs=...)`` reads
+    these tensors, to compare one site with the simulation's.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"model must be an onnx.ModelProto, got {type(model).__name__}")
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props[SITE_TENSORS_KEY]) if SITE_TENSORS_KEY in props else {}
 
 
 def _check_model(qmodel) -> None:
@@ -203,32 +224,10 @@ def _check_model(qmodel) -> None:
 
 
 def _grid(q: Quantizer, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(scale float32, zero point int8/uint8) numpy arrays of a quantizer ONNX can run exactly,
-    from ``q.export()``; TypeError/ValueError naming ``where`` otherwise."""
-    if q.kind != "fixed":
-        try:
-            q.export()
-        except TypeError as e:
-            raise TypeError(f"{where}: quantizer kind {q.kind!r} cannot be exported to ONNX: {e}") from None
-        if q.kind_impl.affine:
-            raise TypeError(f"{where}: quantizer kind {q.kind!r} is a training form whose forward is not the "
-                            "affine grid QuantizeLinear/DequantizeLinear compute; call refimpl.qmodel.freeze(qmodel) "
-                            "to switch it to the 'fixed' grid it exports")
-        raise TypeError(f"{where}: quantizer kind {q.kind!r} is not exported: only 'fixed' quantizers are, whose "
-                        "forward is exactly the affine grid of export()")
-    spec = q.spec
-    if spec.bits > 8:
-        raise ValueError(f"{where}: a {spec.bits}-bit grid does not fit int8/uint8; export_qdq handles up to 8 bits")
-    grid = q.export()
-    scale = grid["scale"].detach().cpu().to(torch.float32).numpy()
-    zp = grid["zero_point"].detach().cpu().to(torch.int64).numpy()
-    dtype = np.int8 if spec.signed else np.uint8
-    info = np.iinfo(dtype)
-    if bool((zp < info.min).any()) or bool((zp > info.max).any()):
-        raise ValueError(f"{where}: zero point {zp.tolist()} outside {np.dtype(dtype).name}")
-    if not bool(np.isfinite(scale).all()) or not bool((scale > 0).all()):
-        raise ValueError(f"{where}: scale must be finite and > 0, got {scale.tolist()}")
-    return scale, zp.astype(dtype)
+    """(scale float32, zero point int8/uint8) numpy arrays of a quantizer ONNX can run exactly
+    (:func:`refimpl.deploy.grid.affine_grid`, the check integer-only inference shares)."""
+    scale, zp = affine_grid(q, where)
+    return scale, zp.astype(np.int8 if q.spec.signed else np.uint8)
 
 
 class _Builder:
@@ -236,6 +235,7 @@ class _Builder:
 
     def __init__(self):
         self.nodes, self.initializers, self._count = [], [], 0
+        self.sites: dict = {}      # activation site -> its DequantizeLinear output tensor
 
     def fresh(self, base: str) -> str:
         """A new unique tensor/node name starting with base (dots replaced)."""
@@ -283,7 +283,8 @@ def _qdq(b: _Builder, x: str, q: ActQuantizer, site: str) -> str:
         lo = b.const(f"{site}_qmin", np.array(q.spec.qmin, dtype=zp.dtype))
         hi = b.const(f"{site}_qmax", np.array(q.spec.qmax, dtype=zp.dtype))
         codes = b.node("Clip", [codes, lo, hi], base=f"{site}_clip")
-    return b.node("DequantizeLinear", [codes, s, z], base=f"{site}_dq")
+    b.sites[site] = b.node("DequantizeLinear", [codes, s, z], base=f"{site}_dq")
+    return b.sites[site]
 
 
 def _weight(b: _Builder, name: str, layer: nn.Module) -> str:

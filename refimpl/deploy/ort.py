@@ -30,10 +30,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from .._checks import check_choice, check_int
+from .onnx import site_tensors
 
 __all__ = ["ORT_METHODS", "ORT_TYPES", "ort_quantize_static", "calibration_ranges", "ort_session", "ort_run",
            "ort_optimized_ops", "ort_latency"]
@@ -265,18 +266,36 @@ def ort_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int =
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def ort_run(model_or_session, x, *, batch_size: int = 256, optimize: bool = True, threads: int = 1) -> np.ndarray:
+def ort_run(model_or_session, x, *, batch_size: int = 256, optimize: bool = True, threads: int = 1,
+            outputs=None):
     """The output of a one-input, one-output model on x, run by onnxruntime in batches.
 
     model_or_session: an ``onnx.ModelProto`` (run in an :func:`ort_session` with ``optimize``
     and ``threads``) or an ``onnxruntime.InferenceSession`` (optimize and threads then unused).
     x: float32 numpy array or torch tensor (N, ...). batch_size: rows per run (>= 1), which
-    bounds the memory of the intermediate tensors.
-    Returns float32 numpy (N, ...), the batches' outputs concatenated.
+    bounds the memory of the intermediate tensors. outputs: None, or activation sites of an
+    :func:`~refimpl.deploy.onnx.export_qdq` graph (a ModelProto; see
+    :func:`~refimpl.deploy.onnx.site_tensors`) whose dequantized tensors to return instead, as
+    {site: float32 array}; they are added as graph outputs, which can keep the optimiser from
+    fusing around them, so ``optimize=False`` is the meaningful setting.
+    Returns float32 numpy (N, ...), the batches' outputs concatenated (or the dict).
     Raises TypeError for other model types or an x that is not float32, ValueError for a model
-    with other than one input and one output, or for bad batch_size/threads.
+    with other than one input and one output, an unknown site, or bad batch_size/threads.
     """
     check_int(batch_size, "batch_size", 1)
+    wanted = None
+    if outputs is not None:
+        if not isinstance(model_or_session, onnx.ModelProto):
+            raise TypeError("outputs needs model_or_session to be an onnx.ModelProto from export_qdq")
+        tensors = site_tensors(model_or_session)
+        unknown = [o for o in outputs if o not in tensors]
+        if unknown:
+            raise ValueError(f"outputs {unknown} are not activation sites of this graph; its sites: {list(tensors)}")
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_session)
+        wanted = [tensors[o] for o in outputs]
+        model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in wanted)
+        model_or_session = model
     if isinstance(model_or_session, onnx.ModelProto):
         sess = ort_session(model_or_session, optimize=optimize, threads=threads)
     elif isinstance(model_or_session, ort.InferenceSession):
@@ -285,9 +304,13 @@ def ort_run(model_or_session, x, *, batch_size: int = 256, optimize: bool = True
         raise TypeError(f"model_or_session must be an onnx.ModelProto or an onnxruntime.InferenceSession, "
                         f"got {type(model_or_session).__name__}")
     x = _as_array(x, "x")
-    if len(sess.get_inputs()) != 1 or len(sess.get_outputs()) != 1:
+    if len(sess.get_inputs()) != 1 or len(sess.get_outputs()) != 1 + len(wanted or ()):
         raise ValueError("ort_run handles models with one input and one output")
     name = sess.get_inputs()[0].name
+    if wanted is not None:
+        runs = [sess.run(wanted, {name: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+        return {o: np.concatenate([r[k] for r in runs]).astype(np.float32, copy=False)
+                for k, o in enumerate(outputs)}
     outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs).astype(np.float32, copy=False)
 

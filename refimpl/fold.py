@@ -135,7 +135,8 @@ def fold_all_bn(model: nn.Module) -> torch.fx.GraphModule:
     Outputs equal ``model.eval()(x)`` up to float rounding. The input model is not modified.
 
     Used in :ref:`ch5-sec-folding-batchnorm`, :ref:`ch6-sec-where-w4a4-loses-the-first-and`,
-    :ref:`ch8-sec-pwlq`, :ref:`ch10-sec-training-with-the-grids`, :ref:`ch11-sec-where-the-quantizers-sit`.
+    :ref:`ch8-sec-pwlq`, :ref:`ch10-sec-training-with-the-grids`, :ref:`ch11-sec-where-the-quantizers-sit`,
+    :ref:`ch12-sec-deployment`.
     """
     gm = trace(model)
     for layer_node, bn_node in _foldable_pairs(gm):

@@ -56,7 +56,7 @@ def pretrained(dataset_name: str, arch: str = "resnet", seed: int = 0, progress:
 
     Used in :ref:`ch5-sec-white-paper-post-training`,
     :ref:`ch6-sec-white-paper-quantization-aware`, :ref:`ch8-sec-pwlq`, :ref:`ch7-sec-easyquant`,
-    :ref:`ch9-sec-dsq`, :ref:`ch10-sec-log-pot-apot`, :ref:`ch11-sec-mqbench`.
+    :ref:`ch9-sec-dsq`, :ref:`ch10-sec-log-pot-apot`, :ref:`ch11-sec-mqbench`, :ref:`ch12-sec-deployment`.
     """
     check_choice(dataset_name, "dataset_name", tuple(_data.DATASETS))
     check_choice(arch, "arch", tuple(dict.fromkeys(a for _, a in _train.TRAIN_DEFAULTS)))

@@ -27,7 +27,7 @@ def setup(seed: int = 0) -> None:
     :ref:`ch3-sec-range-setting`, :ref:`ch4-sec-integer-inference-on-arm-what`,
     :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-white-paper-quantization-aware`,
     :ref:`ch8-sec-pwlq`, :ref:`ch7-sec-easyquant`, :ref:`ch9-sec-dsq`,
-    :ref:`ch10-sec-log-pot-apot`, :ref:`ch11-sec-mqbench`.
+    :ref:`ch10-sec-log-pot-apot`, :ref:`ch11-sec-mqbench`, :ref:`ch12-sec-deployment`.
     """
     numerics.apply()
     if numerics.is_x86_64():

@@ -201,7 +201,7 @@ def glue_figure(name: str, fig) -> None:
     :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-what-a-bit-costs-cycles-per`,
     :ref:`ch5-sec-per-tensor-weights-and-the`, :ref:`ch6-sec-the-qat-pipeline`,
     :ref:`ch8-sec-the-piecewise-grid`, :ref:`ch7-sec-the-scale-search`, :ref:`ch9-sec-the-soft-staircase`,
-    :ref:`ch10-sec-the-grids`, :ref:`ch11-sec-the-algorithms`.
+    :ref:`ch10-sec-the-grids`, :ref:`ch11-sec-the-algorithms`, :ref:`ch12-sec-the-whole-model`.
     """
     import matplotlib.pyplot as plt
     from myst_nb import glue

@@ -36,7 +36,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Se
     :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-registers-lanes-and`,
     :ref:`ch5-sec-white-paper-post-training`, :ref:`ch6-sec-the-straight-through-estimator`,
     :ref:`ch8-sec-choosing-the-breakpoint`, :ref:`ch7-sec-accuracy-against-min-max-kl-and`,
-    :ref:`ch9-sec-training-with-dsq`, :ref:`ch10-sec-the-grids`, :ref:`ch11-sec-six-backends-as-data`.
+    :ref:`ch9-sec-training-with-dsq`, :ref:`ch10-sec-the-grids`, :ref:`ch11-sec-six-backends-as-data`,
+    :ref:`ch12-sec-one-convolution-three-ways`.
     """
     headers = [_cell(h) for h in headers]
     ncol = len(headers)
@@ -103,7 +104,7 @@ def check_claims(claims) -> None:
     :ref:`ch3-sec-why-the-range-matters-clipping`, :ref:`ch4-sec-why-accumulators-overflow`,
     :ref:`ch5-sec-per-tensor-weights-and-the`, :ref:`ch6-sec-the-straight-through-estimator`,
     :ref:`ch8-sec-choosing-the-breakpoint`, :ref:`ch7-sec-the-scale-search`, :ref:`ch9-sec-training-with-dsq`,
-    :ref:`ch10-sec-logquant`, :ref:`ch11-sec-one-regime`.
+    :ref:`ch10-sec-logquant`, :ref:`ch11-sec-one-regime`, :ref:`ch12-sec-one-convolution-three-ways`.
     """
     from collections.abc import Mapping
 

@@ -430,6 +430,7 @@ def integer_model(qmodel: torch.fx.GraphModule, requant: str = "fixed_point") ->
     steps still waiting for their output site) that every node kind reads and writes; the
     per-kind work is in helpers.
 
+    Used in :ref:`ch12-sec-deployment`.
     """
     if not isinstance(qmodel, torch.fx.GraphModule):
         raise TypeError(f"qmodel must be a torch.fx.GraphModule from refimpl.qmodel.quantize_model, got "
@@ -549,6 +550,7 @@ def simulated_codes(qmodel: torch.fx.GraphModule, x) -> dict[str, np.ndarray]:
     The fake-quantized output ``scale * (q - zero_point)`` of each site in state "quantize" is mapped
     back to q (exact: the float32 product is within 2^-24 relative of the integer times scale).
 
+    Used in :ref:`ch12-sec-deployment`.
     """
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
@@ -577,6 +579,8 @@ def site_agreement(imodel: IntegerModel, qmodel: torch.fx.GraphModule, x, isolat
     code difference), "differ" (fraction of elements that differ), "elements". isolated=False: the
     integer path runs end to end, so a difference at one site propagates to the next; True: every
     step reads the *simulation's* codes at its input sites, so a row measures that step alone.
+
+    Used in :ref:`ch12-sec-the-whole-model`.
     """
     sim = simulated_codes(qmodel, x)
     _, codes = imodel.run(x, codes=True, given=sim if isolated else None)
@@ -597,6 +601,8 @@ def layer_operands(step: IntegerStep, x_codes) -> tuple[np.ndarray, np.ndarray, 
     (int8), and A's zero point; K in channel-fastest order (NHWC im2col, FBGEMM's layout), M = N *
     output positions. The exact accumulators are ``A @ B - a_zero_point * B.sum(0)``.
     x_codes: the step's input codes (N, C, ...) on its input grid.
+
+    Used in :ref:`ch12-sec-one-convolution-three-ways`.
     """
     if step.op not in ("conv", "linear"):
         raise ValueError(f"step must be a conv or linear step, got op {step.op!r}")
@@ -627,6 +633,8 @@ def pair_saturating_matmul(a, b, chunk: int = 4096) -> tuple[np.ndarray, int]:
     2 * 127 * 128 = 32512, which fits). VNNI's VPDPBUSD sums into int32 without this saturation.
     a: (M, K) integers in [0, 255]; b: (K, N) integers in [-128, 127]; K is zero-padded to even.
     Returns (int64 (M, N) results, number of saturated pair sums).
+
+    Used in :ref:`ch12-sec-conventions`.
     """
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
@@ -666,6 +674,7 @@ def torch_quantized_layer(step: IntegerStep, x_codes: np.ndarray, engine: str = 
     (default "qnnpack", PyTorch's ARM kernels). x_codes: int codes (N, C, ...) on the step's input
     grid. Returns int64 codes of the step's output shape.
 
+    Used in :ref:`ch12-sec-one-convolution-three-ways`.
     """
     if step.op not in ("conv", "linear") or step.grid is None:
         raise ValueError(f"step must be a conv or linear step of an IntegerModel, got op {step.op!r}")

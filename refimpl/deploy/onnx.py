@@ -83,6 +83,8 @@ def export_qdq(qmodel: torch.fx.GraphModule, example_input: torch.Tensor, path=N
     form (e.g. "dsq" before ``freeze``), and for arguments of the wrong type.
 
     The node-by-node translation is shared with :func:`export_float` (``_to_onnx``).
+
+    Used in :ref:`ch12-sec-deployment`.
     """
     if not isinstance(qmodel, torch.fx.GraphModule):
         raise TypeError(f"qmodel must be a torch.fx.GraphModule from refimpl.qmodel.quantize_model, "
@@ -120,6 +122,8 @@ def export_float(model: nn.Module, example_input: torch.Tensor, path=None) -> on
     ValueError for a BatchNorm layer (naming ``refimpl.fold.fold_all_bn``), refimpl quantizers
     (naming ``export_qdq``), a model in training mode, or a module or function with no mapping
     (naming the node).
+
+    Used in :ref:`ch12-sec-the-whole-model`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -163,6 +163,8 @@ def ort_quantize_static(float_model: onnx.ModelProto, calibration, *, method: st
     Raises TypeError for arguments of the wrong type, ValueError naming the parameter and its
     allowed values for a bad method, type or batch_size, a calibration array of the wrong rank,
     and a model that already has QuantizeLinear/DequantizeLinear nodes.
+
+    Used in :ref:`ch12-sec-the-whole-model`.
     """
     _check_model_proto(float_model, "float_model")
     check_choice(method, "method", tuple(ORT_METHODS))
@@ -281,6 +283,8 @@ def ort_run(model_or_session, x, *, batch_size: int = 256, optimize: bool = True
     Returns float32 numpy (N, ...), the batches' outputs concatenated (or the dict).
     Raises TypeError for other model types or an x that is not float32, ValueError for a model
     with other than one input and one output, an unknown site, or bad batch_size/threads.
+
+    Used in :ref:`ch12-sec-one-convolution-three-ways`.
     """
     check_int(batch_size, "batch_size", 1)
     wanted = None
@@ -348,6 +352,8 @@ def ort_optimized_ops(model: onnx.ModelProto, *, optimize: bool = True) -> dict[
     QLinearConv uses (VNNI or not) is decided inside the kernel and does not show here.
 
     Returns dict[str, int]. Raises TypeError for a non-ModelProto or a non-bool optimize.
+
+    Used in :ref:`ch12-sec-latency`.
     """
     _check_model_proto(model)
     so = _session_options(optimize, 1)
@@ -380,6 +386,8 @@ def ort_latency(models: dict, x, *, repeats: int = 50, warmup: int = 5, threads:
     (N, ...), one batch. repeats >= 1, warmup >= 0.
     Returns ``{name: median seconds}`` in the order of ``models``.
     Raises TypeError/ValueError naming the bad argument (an empty models dict included).
+
+    Used in :ref:`ch12-sec-latency`.
     """
     if not isinstance(models, dict) or not models:
         raise ValueError("models must be a non-empty dict {name: onnx.ModelProto or onnxruntime.InferenceSession}")

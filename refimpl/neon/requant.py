@@ -143,6 +143,8 @@ def fixed_point_multiply(x, multiplier, shift, *, single_rounding: bool = False)
 
     Used by :func:`requantize`, :func:`refimpl.neon.kernels.requantize_reference` and
     :func:`refimpl.deploy.integer.integer_model`.
+
+    Used in :ref:`ch12-sec-one-convolution-three-ways`.
     """
     x = np.asarray(x, dtype=np.int64)
     m = np.asarray(multiplier, dtype=np.int64)
@@ -389,6 +391,8 @@ def run_requant(acc, bias, multiplier, shift, zero_point, qmin, qmax, *,
     (:func:`build_requant`) on a :class:`~refimpl.neon.Machine`; ``trace=False`` computes the
     output with :func:`requantize` and the cycles by stepping the core's Timer over the same
     dynamic instruction stream (equal to the trace's cycles; memoised per core and shape).
+
+    Used in :ref:`ch12-sec-one-convolution-three-ways`.
     """
     if core not in CORES:
         raise ValueError(f"core must be one of {CORES}, got {core!r}")

@@ -74,7 +74,8 @@ class QuantConfig:
 
     Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch6-sec-the-qat-pipeline`,
     :ref:`ch8-sec-post-training-quantization-with`, :ref:`ch9-sec-training-with-dsq`,
-    :ref:`ch10-sec-training-with-the-grids`, :ref:`ch11-sec-where-the-quantizers-sit`.
+    :ref:`ch10-sec-training-with-the-grids`, :ref:`ch11-sec-where-the-quantizers-sit`,
+    :ref:`ch12-sec-deployment`.
     """
 
     weight_bits: int = 8

@@ -45,7 +45,8 @@ def weight_quantizers(qmodel: nn.Module) -> dict:
 def act_quantizers(qmodel: nn.Module) -> dict:
     """{site name: ActQuantizer} in graph (topological) order; site names as ``quantize_model`` gives them.
 
-    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch11-sec-where-the-quantizers-sit`.
+    Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch11-sec-where-the-quantizers-sit`,
+    :ref:`ch12-sec-the-whole-model`.
     """
     _check_qmodel(qmodel)
     return {m.site: m for m in qmodel.modules() if isinstance(m, ActQuantizer)}
@@ -61,7 +62,7 @@ def calibrate(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None
     that were "off" stay off).
 
     Used in :ref:`ch5-sec-the-results-table`, :ref:`ch8-sec-post-training-quantization-with`,
-    :ref:`ch11-sec-folding-batchnorm-during-qat`.
+    :ref:`ch11-sec-folding-batchnorm-during-qat`, :ref:`ch12-sec-deployment`.
     """
     _check_qmodel(qmodel)
     check_float_tensor(x, "x")

@@ -67,7 +67,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, keep_bn:
     ``keep_fp`` / ``layer_weight_bits`` / ``site_act_bits`` names, or a model torch.fx cannot trace.
 
     Used in :ref:`ch5-sec-where-the-quantizers-go`, :ref:`ch8-sec-choosing-the-breakpoint`,
-    :ref:`ch11-sec-where-the-quantizers-sit`.
+    :ref:`ch11-sec-where-the-quantizers-sit`, :ref:`ch12-sec-deployment`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

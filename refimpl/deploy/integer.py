@@ -87,7 +87,7 @@ class IntegerStep:
     "rescale". name: the fx node (layer or site) it implements. grid: the output grid. lo, hi: the
     output clamp (a fused ReLU raises lo to the zero point). multiplier, shift: (C,) or () int64
     fixed-point requantisation of each input scale ratio (the add's three); real: the float64
-    ratios they approximate; weight: (O, C/groups, *k) int64 codes and bias: (O,) int64 at scale
+    ratios they approximate; weight: ``(O, C / groups, *kernel)`` int64 codes and bias: (O,) int64 at scale
     s_x * s_w, for conv/linear; attrs: stride, padding, dilation, groups, pooling window.
     """
     op: str

@@ -32,13 +32,16 @@ twice; "single_rounding" rounds the same product once (TFLite's ``TFLITE_SINGLE_
 quantized CPU kernels (QNNPACK, FBGEMM) compute: ``round_half_even(float32(acc) * m32)`` with
 ``m32 = (s_x * s_w) * (1 / s_y)`` in float32 operations;
 adds and pooling then dequantize, compute and quantize in float32 as the simulation does.
+
+Why one module (~700 lines): the compiler, the runner and the per-layer references (PyTorch's
+kernels, the x86 GEMM operands) share the step records and the window arithmetic; split apart,
+each file would import the others' private helpers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch

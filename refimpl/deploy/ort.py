@@ -164,6 +164,9 @@ def ort_quantize_static(float_model: onnx.ModelProto, calibration, *, method: st
     allowed values for a bad method, type or batch_size, a calibration array of the wrong rank,
     and a model that already has QuantizeLinear/DequantizeLinear nodes.
 
+    Why one function: the body is the argument checks and one call of onnxruntime's tool; the
+    length is the docstring, which records what onnxruntime does by default.
+
     Used in :ref:`ch12-sec-the-whole-model`.
     """
     _check_model_proto(float_model, "float_model")

@@ -28,10 +28,10 @@ compute: the real multiplier ``m = M * 2^(shift - 31)`` with M in [2^30, 2^31); 
 positive shift, the doubling high multiply with rounding, a rounding right shift (ties toward
 +infinity), the zero point, the clamp (:func:`refimpl.neon.fixed_point_multiply`). It rounds
 twice; "single_rounding" rounds the same product once (TFLite's ``TFLITE_SINGLE_ROUNDING``).
-"float32" is what PyTorch's
-quantized CPU kernels (QNNPACK, FBGEMM) compute: ``round_half_even(float32(acc) * m32)`` with
-``m32 = (s_x * s_w) * (1 / s_y)`` in float32 operations;
-adds and pooling then dequantize, compute and quantize in float32 as the simulation does.
+"float32" is what PyTorch's QNNPACK kernels compute, bit for bit (tested per layer):
+``round_half_even(float32(acc) * m32)`` with ``m32 = (s_x * s_w) * (1 / s_y)`` in float32
+operations (PyTorch's x86 kernels, FBGEMM, differ from it on rare elements); adds and pooling
+then dequantize, compute and quantize in float32 as the simulation does.
 
 Why one module (~700 lines): the compiler, the runner and the per-layer references (PyTorch's
 kernels, the x86 GEMM operands) share the step records and the window arithmetic; split apart,

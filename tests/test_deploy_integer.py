@@ -253,3 +253,10 @@ def test_pair_saturating_matmul():
     assert sat == 1 and out[0, 0] == -32768 + 510
     with pytest.raises(ValueError, match="unsigned bytes"):
         pair_saturating_matmul(-a, b)
+
+
+def test_a_site_switched_off_leaves_its_layer_without_an_output_grid():
+    qm, _ = _qmodel("resnet2d")
+    act_quantizers(qm)["blocks.0.conv2"].set_state("off")
+    with pytest.raises(ValueError, match="output of 'blocks.0.conv2' before any activation site"):
+        integer_model(qm)

@@ -478,10 +478,12 @@ def integer_model(qmodel: torch.fx.GraphModule, requant: str = "fixed_point") ->
             coded(out_node, "the model's output")
         elif node.op == "call_module" and isinstance(modules[node.target], ActQuantizer):
             q, src = modules[node.target], node.args[0]
-            if q.state == "off":
-                for d in (name, grid, pending):
+            if q.state == "off":    # the tensor passes through: its codes, grid or pending step move on
+                for d in (name, grid):
                     if src in d:
                         d[node] = d[src]
+                if src in pending:
+                    pending[node] = pending.pop(src)
                 continue
             g = _site_grid(q)
             if src is float_input:

@@ -36,25 +36,14 @@ from refimpl.models import ResNetCNN
 from refimpl.models import MobileNetV2CNN
 from refimpl.qmodel import (QuantConfig, act_quantizers, calibrate, freeze, quant_layers, quantize_model,
                             set_trainable)
+from testmodels import randomize_bn
 
 TOL = 1 + 1e-5      # a difference of k steps is k * scale in float32: allow its rounding
 
 
-def _randomize_bn(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
-
-
 def _tiny(config, calibrate_it=True, seed=0):
     torch.manual_seed(seed)
-    model = _randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=2), seed)
+    model = randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=2), seed)
     qm = quantize_model(fold_all_bn(model), config)
     gen = torch.Generator().manual_seed(seed + 1)
     if calibrate_it:
@@ -247,7 +236,7 @@ def test_pact_weights_are_refused():
 
 
 def test_unquantized_or_uncalibrated_models_are_refused():
-    model = fold_all_bn(_randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=1)))
+    model = fold_all_bn(randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=1)))
     x = torch.randn(4, 1, 8, 8)
     with pytest.raises(ValueError, match="no quantizers.*quantize_model"):
         export_qdq(torch.fx.symbolic_trace(model), x)
@@ -289,7 +278,7 @@ def test_other_ops_mobilenet_and_pooling():
     from refimpl.models import MobileNetV2CNN
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
-    cases = ((fold_all_bn(_randomize_bn(MobileNetV2CNN(width=8))), torch.randn(64, 1, 8, 8, generator=gen),
+    cases = ((fold_all_bn(randomize_bn(MobileNetV2CNN(width=8))), torch.randn(64, 1, 8, 8, generator=gen),
               {"Clip", "Conv", "Add", "GlobalAveragePool"}),           # ReLU6 -> Clip, depthwise Conv
              (_PoolNet().eval(), torch.randn(64, 1, 10, 10, generator=gen),
               {"MaxPool", "AveragePool", "Relu", "Flatten", "Gemm"}))
@@ -445,7 +434,7 @@ def _rounding_model(node, m):
 def test_export_float_matches_torch_within_float_rounding(mnist1d_float):
     folded, onx, data = mnist1d_float
     gen = torch.Generator().manual_seed(0)
-    mobilenet = fold_all_bn(_randomize_bn(MobileNetV2CNN(width=8)))        # 2-d, ReLU6 -> Clip, depthwise
+    mobilenet = fold_all_bn(randomize_bn(MobileNetV2CNN(width=8)))        # 2-d, ReLU6 -> Clip, depthwise
     x2 = torch.randn(64, 1, 8, 8, generator=gen)
     for model, x, onx_, ops in ((folded, data.x_test, onx, {"Conv", "Relu", "Add", "GlobalAveragePool", "Gemm"}),
                                 (mobilenet, x2, export_float(mobilenet, x2[:2]), {"Conv", "Clip", "Add"})):
@@ -474,7 +463,7 @@ def test_export_float_matches_torch_within_float_rounding(mnist1d_float):
 
 def test_export_float_shares_export_qdq_translation():
     torch.manual_seed(0)
-    model = fold_all_bn(_randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=2)))
+    model = fold_all_bn(randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=2)))
     x = torch.randn(32, 1, 8, 8)
     qm = quantize_model(model, QuantConfig(8, 8))
     calibrate(qm, x)
@@ -485,7 +474,7 @@ def test_export_float_shares_export_qdq_translation():
 
 
 def test_export_float_refuses_bn_quantizers_and_training_mode(tmp_path):
-    model = _randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=1))
+    model = randomize_bn(ResNetCNN(1, 10, width=4, num_blocks=1))
     x = torch.randn(4, 1, 8, 8)
     with pytest.raises(ValueError, match=r"BatchNorm.*refimpl\.fold\.fold_all_bn"):
         export_float(model, x)

@@ -56,6 +56,7 @@ from refimpl.deploy import (ORT_METHODS, calibration_ranges, export_float, ort_l
 from refimpl.fold import fold_all_bn
 from refimpl.models import MobileNetV2CNN, ResNetCNN
 from refimpl.quant import QuantSpec, qparams, quantize
+from testmodels import randomize_bn
 
 
 @pytest.fixture(scope="module")
@@ -71,18 +72,6 @@ def ort_models(mnist1d):
     _, onx, data = mnist1d
     return {(m, a): ort_quantize_static(onx, data.x_calib, method=m, activation_type=a)
             for m in ORT_METHODS for a in ("int8", "uint8")}
-
-
-def _randomize_bn(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
 
 
 def _tensors(onx, x, names):
@@ -301,8 +290,8 @@ def test_optimized_ops_under_emulated_cpus(tmp_path):
     CPUs without AVX-512 or VNNI (Intel Haswell, AMD Zen 2)."""
     torch.manual_seed(0)
     x1, x2 = torch.randn(64, 1, 40), torch.randn(64, 1, 8, 8)
-    models = {"resnet1d": export_float(fold_all_bn(_randomize_bn(ResNetCNN(1, 10, width=16, dims=1))), x1[:2]),
-              "mobilenet2d": export_float(fold_all_bn(_randomize_bn(MobileNetV2CNN(width=16))), x2[:2])}
+    models = {"resnet1d": export_float(fold_all_bn(randomize_bn(ResNetCNN(1, 10, width=16, dims=1))), x1[:2]),
+              "mobilenet2d": export_float(fold_all_bn(randomize_bn(MobileNetV2CNN(width=16))), x2[:2])}
     models["resnet1d-qdq"] = ort_quantize_static(models["resnet1d"], x1, activation_type="uint8")
     models["mobilenet2d-qdq"] = ort_quantize_static(models["mobilenet2d"], x2, activation_type="uint8")
     for name, m in models.items():

@@ -17,23 +17,12 @@ from refimpl.qmodel import (ActQuantizer, QuantConfig, QuantConv2d, QuantLinear,
                             merge_bn, Observer, QuantizerKind, register_kind, unregister_kind, quantizer_kinds)
 
 from refimpl.quant import QuantSpec, fake_quant, lsq_fake_quant, qparams
-
-
-def _randomize_bn(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
+from testmodels import randomize_bn
 
 
 def _resnet(dims=2, seed=0):
     torch.manual_seed(seed)
-    return fold_all_bn(_randomize_bn(ResNetCNN(1, 10, width=8, num_blocks=2, dims=dims), seed))
+    return fold_all_bn(randomize_bn(ResNetCNN(1, 10, width=8, num_blocks=2, dims=dims), seed))
 
 
 class TinyInvertedResidual(nn.Module):
@@ -71,7 +60,7 @@ def _mobilenet(seed=0):
 
 def _mobilenetv2(dims=2, seed=0):
     torch.manual_seed(seed)
-    return fold_all_bn(_randomize_bn(MobileNetV2CNN(1, 10, width=8, dims=dims), seed))
+    return fold_all_bn(randomize_bn(MobileNetV2CNN(1, 10, width=8, dims=dims), seed))
 
 
 def _sequential(seed=0):
@@ -479,7 +468,7 @@ def test_first_last_bits_and_input_sites():
 # --------------------------------------------------------------------------------------------
 def _resnet_bn(seed=0, negative=False):
     torch.manual_seed(seed)
-    m = _randomize_bn(ResNetCNN(1, 10, width=8, num_blocks=2, dims=2), seed)
+    m = randomize_bn(ResNetCNN(1, 10, width=8, num_blocks=2, dims=2), seed)
     if negative:   # some negative BN weights: the merged codes change sign
         with torch.no_grad():
             for bn in m.modules():

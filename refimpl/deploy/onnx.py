@@ -89,12 +89,7 @@ def export_qdq(qmodel: torch.fx.GraphModule, example_input: torch.Tensor, path=N
     if not isinstance(qmodel, torch.fx.GraphModule):
         raise TypeError(f"qmodel must be a torch.fx.GraphModule from refimpl.qmodel.quantize_model, "
                         f"got {type(qmodel).__name__}")
-    if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
-        raise TypeError("example_input must be a float32 torch.Tensor")
-    if example_input.ndim < 2:
-        raise ValueError(f"example_input must be (N, C, ...), got shape {tuple(example_input.shape)}")
-    if path is not None and not isinstance(path, (str, Path)):
-        raise TypeError(f"path must be a str, a Path or None, got {type(path).__name__}")
+    _check_input_and_path(example_input, path)
     _check_model(qmodel)
     return _to_onnx(qmodel, example_input, path, "qdq", "export_qdq")
 
@@ -127,12 +122,7 @@ def export_float(model: nn.Module, example_input: torch.Tensor, path=None) -> on
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
-        raise TypeError("example_input must be a float32 torch.Tensor")
-    if example_input.ndim < 2:
-        raise ValueError(f"example_input must be (N, C, ...), got shape {tuple(example_input.shape)}")
-    if path is not None and not isinstance(path, (str, Path)):
-        raise TypeError(f"path must be a str, a Path or None, got {type(path).__name__}")
+    _check_input_and_path(example_input, path)
     bns = [n for n, m in model.named_modules() if isinstance(m, BN_LAYERS)]
     if bns:
         raise ValueError(f"model has BatchNorm layers {bns}: fold them first (refimpl.fold.fold_all_bn)")
@@ -143,6 +133,16 @@ def export_float(model: nn.Module, example_input: torch.Tensor, path=None) -> on
     if model.training:
         raise ValueError("model is in training mode: call model.eval() before export_float")
     return _to_onnx(trace(model), example_input, path, "float", "export_float")
+
+
+def _check_input_and_path(example_input, path) -> None:
+    """TypeError/ValueError for an example_input that is not a float32 (N, C, ...) tensor or a bad path."""
+    if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
+        raise TypeError("example_input must be a float32 torch.Tensor")
+    if example_input.ndim < 2:
+        raise ValueError(f"example_input must be (N, C, ...), got shape {tuple(example_input.shape)}")
+    if path is not None and not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str, a Path or None, got {type(path).__name__}")
 
 
 def _to_onnx(gm: torch.fx.GraphModule, example_input: torch.Tensor, path, graph_name: str,

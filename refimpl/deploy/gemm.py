@@ -13,7 +13,6 @@ int8 output.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ from .._checks import check_int
 from ..calib import minmax
 from ..quant import QuantSpec, qparams, quantize
 from ..quant.integer import im2col
+from .torchq import as_quint8, quantized_engine
 
 __all__ = ["IntegerConv", "integer_conv_operands", "torch_integer_conv", "torch_quantized_conv"]
 
@@ -140,24 +140,12 @@ def torch_quantized_conv(op: IntegerConv, out_scale: float, out_zero_point: int 
     out_zero_point = check_int(out_zero_point, "out_zero_point", -128, 127)
     if not out_scale > 0:
         raise ValueError(f"out_scale must be > 0, got {out_scale}")
-    engines = torch.backends.quantized.supported_engines
-    engine = engine or "qnnpack"
-    if engine not in engines:
-        raise ValueError(f"engine must be one of {engines}, got {engine!r}")
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        with warnings.catch_warnings():
-            # quantized tensors are deprecated in PyTorch 2.13 but remain its integer reference
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            qx = torch._make_per_tensor_quantized_tensor(
-                (op.x_codes.to(torch.int16) + 128).to(torch.uint8).cpu(), op.act_scale, 128)
-            scales = torch.as_tensor(op.weight_scale, dtype=torch.float64)
-            qw = torch._make_per_channel_quantized_tensor(
-                op.w_codes_oihw.to(torch.int8).cpu(), scales, torch.zeros_like(scales, dtype=torch.int64), 0)
-            out = torch.ao.nn.quantized.functional.conv2d(
-                qx, qw, bias=None, stride=op.stride, padding=op.padding, scale=out_scale,
-                zero_point=out_zero_point + 128, dtype=torch.quint8)
-    finally:
-        torch.backends.quantized.engine = previous
+    with quantized_engine(engine or "qnnpack"):
+        qx = as_quint8(op.x_codes.cpu(), op.act_scale, 0, signed=True)
+        scales = torch.as_tensor(op.weight_scale, dtype=torch.float64)
+        qw = torch._make_per_channel_quantized_tensor(
+            op.w_codes_oihw.to(torch.int8).cpu(), scales, torch.zeros_like(scales, dtype=torch.int64), 0)
+        out = torch.ao.nn.quantized.functional.conv2d(
+            qx, qw, bias=None, stride=op.stride, padding=op.padding, scale=out_scale,
+            zero_point=out_zero_point + 128, dtype=torch.quint8)
     return out.int_repr().to(torch.int64).numpy() - 128

@@ -40,7 +40,6 @@ each file would import the others' private helpers.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,10 +51,11 @@ from ..graph import activation_kind, is_add, is_avg_pool, is_pool, passes_values
 from ..qmodel import ActQuantizer, QuantLayer, act_quantizers, weight_quantizers
 from ..neon import fixed_point_multiply, quantize_multiplier_any
 from .grid import affine_grid
+from .torchq import as_quint8, quantized_engine
 
 __all__ = ["REQUANT_MODES", "ADD_LEFT_SHIFT", "Grid", "IntegerStep", "IntegerModel", "integer_model",
            "simulated_codes", "site_agreement",
-           "torch_quantized_layer", "layer_operands", "pair_saturating_matmul"]
+           "torch_quantized_layer", "layer_operands", "layer_accumulators", "pair_saturating_matmul"]
 
 REQUANT_MODES = ("fixed_point", "single_rounding", "float32")
 """Requantisation conventions: NEON/gemmlowp fixed point (SQRDMULH then SRSHL, two roundings),
@@ -629,6 +629,23 @@ def layer_operands(step: IntegerStep, x_codes) -> tuple[np.ndarray, np.ndarray, 
     return a, b.copy(), g_in.zero_point + off
 
 
+def layer_accumulators(step: IntegerStep, x_codes, bias: bool = True) -> np.ndarray:
+    """The exact int32 accumulators (M, O) of a conv/linear step on its input codes, GEMM layout.
+
+    ``A @ B - a_zero_point * B.sum(0)`` of :func:`layer_operands` (rows: batch x output positions,
+    channel-fastest K; columns: output channels), plus the step's int32 bias when ``bias``; the
+    values the output stage (:func:`refimpl.neon.requantize`) starts from. Computed through an
+    exact float64 product. Returns int64 (M, O).
+
+    Used in :ref:`ch12-sec-one-convolution-three-ways`.
+    """
+    a, b, zp = layer_operands(step, x_codes)
+    acc = _matmul_exact(a, b) - zp * b.sum(0)
+    if bias and step.bias is not None:
+        acc = acc + step.bias
+    return acc
+
+
 def pair_saturating_matmul(a, b, chunk: int = 4096) -> tuple[np.ndarray, int]:
     """``a @ b`` as x86's AVX2 int8 path computes it: VPMADDUBSW, then VPMADDWD into int32.
 
@@ -660,13 +677,6 @@ def pair_saturating_matmul(a, b, chunk: int = 4096) -> tuple[np.ndarray, int]:
     return out, saturated
 
 
-def _quint8(codes: np.ndarray, g: Grid) -> torch.Tensor:
-    """Codes on grid g as a PyTorch quint8 tensor (a signed grid shifted by 128, zero point too)."""
-    off = 128 if g.qmin < 0 else 0
-    return torch._make_per_tensor_quantized_tensor(torch.from_numpy((codes + off).astype(np.uint8)), g.scale,
-                                                   g.zero_point + off)
-
-
 def torch_quantized_layer(step: IntegerStep, x_codes: np.ndarray, engine: str = "qnnpack") -> np.ndarray:
     """A conv/linear step of :class:`IntegerModel` through PyTorch's quantized CPU kernel, as codes.
 
@@ -685,33 +695,23 @@ def torch_quantized_layer(step: IntegerStep, x_codes: np.ndarray, engine: str = 
         raise ValueError(f"step must be a conv or linear step of an IntegerModel, got op {step.op!r}")
     if step.weight.ndim not in (2, 3, 4):
         raise ValueError("torch_quantized_layer handles linear, conv1d and conv2d layers")
-    engines = torch.backends.quantized.supported_engines
-    if engine not in engines:
-        raise ValueError(f"engine must be one of {engines}, got {engine!r}")
     a = step.attrs
     g_in, g = a["input_grid"], step.grid
     s_w = torch.as_tensor(np.atleast_1d(a["weight_scale"]).astype(np.float64))
     w = torch.from_numpy(step.weight.astype(np.int8))
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        with warnings.catch_warnings():
-            # quantized tensors are deprecated in PyTorch 2.13 but remain its integer reference
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            qx = _quint8(np.asarray(x_codes, dtype=np.int64), g_in)
-            if s_w.numel() == 1:
-                qw = torch._make_per_tensor_quantized_tensor(w, float(s_w), 0)
-            else:
-                qw = torch._make_per_channel_quantized_tensor(w, s_w, torch.zeros_like(s_w, dtype=torch.int64), 0)
-            off = 128 if g.qmin < 0 else 0
-            qf = torch.ao.nn.quantized.functional
-            if step.op == "linear":
-                out = qf.linear(qx, qw, a["float_bias"], g.scale, g.zero_point + off)
-            else:
-                conv = qf.conv1d if step.weight.ndim == 3 else qf.conv2d
-                out = conv(qx, qw, a["float_bias"], stride=a["stride"], padding=a["padding"],
-                           dilation=a["dilation"], groups=a["groups"], scale=g.scale,
-                           zero_point=g.zero_point + off, dtype=torch.quint8)
-    finally:
-        torch.backends.quantized.engine = previous
+    off = 128 if g.qmin < 0 else 0
+    with quantized_engine(engine):
+        qx = as_quint8(x_codes, g_in.scale, g_in.zero_point, g_in.qmin < 0)
+        if s_w.numel() == 1:
+            qw = torch._make_per_tensor_quantized_tensor(w, float(s_w), 0)
+        else:
+            qw = torch._make_per_channel_quantized_tensor(w, s_w, torch.zeros_like(s_w, dtype=torch.int64), 0)
+        qf = torch.ao.nn.quantized.functional
+        if step.op == "linear":
+            out = qf.linear(qx, qw, a["float_bias"], g.scale, g.zero_point + off)
+        else:
+            conv = qf.conv1d if step.weight.ndim == 3 else qf.conv2d
+            out = conv(qx, qw, a["float_bias"], stride=a["stride"], padding=a["padding"],
+                       dilation=a["dilation"], groups=a["groups"], scale=g.scale,
+                       zero_point=g.zero_point + off, dtype=torch.quint8)
     return np.clip(out.int_repr().to(torch.int64).numpy() - off, step.lo, step.hi)

@@ -18,6 +18,7 @@ from refimpl.deploy import REQUANT_MODES, integer_model, simulated_codes, site_a
 from refimpl.fold import fold_all_bn
 from refimpl.models import MobileNetV2CNN, ResNetCNN
 from refimpl.neon import fixed_point_multiply
+from testmodels import randomize_bn
 from refimpl.qmodel import QuantConfig, act_quantizers, calibrate, freeze, quantize_model
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -82,12 +83,7 @@ def _qmodel(kind="resnet2d", config=None, seed=0):
     else:
         model, shape = MobileNetV2CNN(1, 10, width=8), (1, 8, 8)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    qm = quantize_model(fold_all_bn(model.eval()), config or QuantConfig())
+    qm = quantize_model(fold_all_bn(randomize_bn(model, seed)), config or QuantConfig())
     calibrate(qm, torch.randn(128, *shape, generator=gen))
     return qm, torch.randn(256, *shape, generator=gen)
 
@@ -260,3 +256,25 @@ def test_a_site_switched_off_leaves_its_layer_without_an_output_grid():
     act_quantizers(qm)["blocks.0.conv2"].set_state("off")
     with pytest.raises(ValueError, match="output of 'blocks.0.conv2' before any activation site"):
         integer_model(qm)
+
+
+def test_layer_accumulators_requantise_to_the_steps_codes():
+    from refimpl.deploy import layer_accumulators
+    from refimpl.neon import requantize
+    qm, x = _qmodel("resnet1d")
+    im = integer_model(qm)
+    _, codes = im.run(x, codes=True)
+    for step in (s for s in im.steps if s.op in ("conv", "linear")):
+        acc = layer_accumulators(step, codes[step.inputs[0]], bias=False)
+        out = requantize(acc, step.bias, step.multiplier, step.shift, step.grid.zero_point, step.lo, step.hi)
+        want = codes[step.name] if step.op == "linear" else np.moveaxis(codes[step.name], 1, -1)
+        np.testing.assert_array_equal(out.astype(np.int64), want.reshape(out.shape), err_msg=step.name)
+
+
+def test_srshl_ties_against_python_integers():
+    from refimpl.neon import srshl_ties
+    xs = np.arange(-70, 70)
+    for shift in (-1, -3, 0, 2):
+        r = -min(shift, 0)
+        want = [r > 0 and (x % (1 << r)) == (1 << (r - 1)) for x in xs.tolist()]
+        assert srshl_ties(xs, shift).tolist() == want

@@ -15,7 +15,7 @@ from .machine import (CORE_FEATURES, CORES, FEATURES, INSTRUCTION_FEATURES, Feat
 from .kernels import KERNELS as GEMM_KERNELS
 from .kernels import (GemmResult, KernelProgram, generate_kernel, quantize_multiplier,
                       requantize_reference, run_gemm)
-from .requant import (RequantProgram, RequantResult, build_requant, fixed_point_multiply, quantize_multiplier_any,
+from .requant import (RequantProgram, RequantResult, build_requant, fixed_point_multiply, quantize_multiplier_any, srshl_ties,
                       requantize, run_requant)
 from .timing import Timer, steady_state_cycles
 
@@ -23,7 +23,7 @@ __all__ = ["AsmError", "Instruction", "parse", "Machine", "RunStats", "CORES", "
            "max_accumulations", "CORE_FEATURES", "FEATURES", "INSTRUCTION_FEATURES",
            "FeatureError", "Timer", "steady_state_cycles", "run_gemm", "GemmResult",
            "KernelProgram", "generate_kernel", "quantize_multiplier", "requantize_reference",
-           "GEMM_KERNELS", "fixed_point_multiply", "requantize", "quantize_multiplier_any", "run_requant",
+           "GEMM_KERNELS", "fixed_point_multiply", "srshl_ties", "requantize", "quantize_multiplier_any", "run_requant",
            "RequantResult", "build_requant", "RequantProgram"]
 
 

@@ -58,7 +58,7 @@ from .asm import parse
 from .machine import CORES, Machine
 from .timing import Timer
 
-__all__ = ["fixed_point_multiply", "requantize", "quantize_multiplier_any", "RequantProgram", "build_requant",
+__all__ = ["fixed_point_multiply", "srshl_ties", "requantize", "quantize_multiplier_any", "RequantProgram", "build_requant",
            "RequantResult", "run_requant"]
 
 _I32 = (-(1 << 31), (1 << 31) - 1)
@@ -158,6 +158,22 @@ def fixed_point_multiply(x, multiplier, shift, *, single_rounding: bool = False)
     x = np.minimum((x * m + (1 << 30)) >> 31, _I32[1])
     rs = -np.minimum(shift, 0)                                            # SRSHL by -rs
     return (x + ((np.int64(1) << rs) >> 1)) >> rs                         # + 2^(rs-1), 0 at rs=0
+
+
+def srshl_ties(x, shift) -> np.ndarray:
+    """Where SRSHL by ``min(shift, 0)`` meets an exact tie: the bits it discards are exactly one half.
+
+    x: integers (e.g. SQRDMULH's outputs); shift: integers broadcasting against x. SRSHL rounds
+    such a tie toward +infinity, gemmlowp's ``RoundingDivideByPOT`` away from zero: they differ
+    where the tie is negative. Returns a bool array of the broadcast shape (False where the shift
+    is >= 0: nothing is discarded).
+
+    Used in :ref:`ch12-sec-conventions`.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    r = -np.minimum(np.asarray(shift, dtype=np.int64), 0)
+    half = (np.int64(1) << r) >> 1
+    return (r > 0) & ((x & ((np.int64(1) << r) - 1)) == half)
 
 
 def _output_stage(acc, bias, multiplier, shift, zero_point, qmin, qmax):
